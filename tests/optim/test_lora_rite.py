@@ -1,0 +1,331 @@
+"""LoRA-RITE's own properties: transformation invariance (and its negative controls), agreement with an
+independent per-pair float64 reference, the closed-form first step, B = 0 initialisation, non-finite
+gradients, Conv LoRA, and the HF Trainer factory."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from helpers import batches, deltas, lm_step, max_relative_gap, reparameterize, tiny_peft
+from lorite.optim import LoRARite, LoRARiteFactory, find_lora_pairs
+from reference_lora_rite import ReferenceLoRARite
+
+F64 = torch.float64
+STEPS = 50
+
+
+def general_T(rank, index):
+    gen = torch.Generator().manual_seed(100 + index)
+    return torch.randn(rank, rank, generator=gen, dtype=F64) + 3 * torch.eye(rank, dtype=F64)
+
+
+def scalar_T(rank, index):
+    return 1e3 * torch.eye(rank, dtype=F64)
+
+
+@pytest.fixture(scope="module")
+def base64():
+    return tiny_peft(dtype=F64)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return batches(STEPS)
+
+
+def trajectory(model, make_optimizer, data, before_step=None):
+    optimizer = make_optimizer(model)
+    out = []
+    for ids in data:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if before_step is not None:
+            before_step(model)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        out.append(deltas(model))
+    return out, optimizer
+
+
+def invariance_gap(base, make_optimizer, transform, data, before_step=None):
+    first, opt = trajectory(copy.deepcopy(base), make_optimizer, data, before_step)
+    second, _ = trajectory(reparameterize(base, transform), make_optimizer, data, before_step)
+    moved = max_relative_gap(first[-1], deltas(base))
+    return max(max_relative_gap(a, b) for a, b in zip(first, second)), moved, opt
+
+
+# Reference-variant stabilisers made active: the global norm is ~0.4 here, and an RMS threshold of 0.02
+# zeroes some but not all of the 24 factors' unmagnified gradients at most steps.
+ACTIVE_STABILISERS = dict(variant="reference", lr=1e-3, clip_unmagnified_grad=0.05, update_skipping=0.02)
+
+INVARIANT_SETTINGS = {
+    "paper (escape on)": dict(lr=1e-2),
+    "paper, escape off": dict(lr=1e-2, escape_mass=False),
+    "reference defaults": dict(variant="reference", lr=1e-3),
+    "reference, clip+skip active": ACTIVE_STABILISERS,
+    "reference + escape + capping": dict(variant="reference", lr=1e-3, escape_mass=True, update_capping=0.5),
+    # (lr 1e-2, wd 0.1) would pass a point where this tiny model's gradient is ill-conditioned: there a
+    # 1e-14 perturbation of B alone — no reparameterisation — grows to 2e-8 (measured), so the 1e-10 bound
+    # would test the model's conditioning, not the optimizer's invariance.
+    "decoupled weight decay": dict(lr=1e-2, weight_decay=0.5),
+    "momentum-free": dict(lr=1e-3, betas=(0.0, 0.0), eps_root=1e-20),
+}
+
+
+@pytest.mark.parametrize("setting", list(INVARIANT_SETTINGS))
+@pytest.mark.parametrize("transform", [scalar_T, general_T], ids=["scalar", "general"])
+def test_transformation_invariance(base64, data, setting, transform):
+    hparams = INVARIANT_SETTINGS[setting]
+    gap, moved, _opt = invariance_gap(base64, lambda m: LoRARite.from_model(m, **hparams), transform, data)
+    assert moved > 1e-2, "the run must actually change the weights for the comparison to mean anything"
+    assert gap < 1e-10, f"{setting}: effective weights diverged by {gap:.2e} (relative)"
+
+
+def test_stabilisers_really_are_active(base64, data):
+    model = copy.deepcopy(base64)
+    opt = LoRARite.from_model(model, **ACTIVE_STABILISERS)
+    skipped, coefficients = [], []
+    for ids in data[:10]:
+        lm_step(model, opt, ids)
+        skipped.append(int(opt.diagnostics["skipped_factors"]))
+        coefficients.append(float(opt.diagnostics["clip_coefficient"]))
+    assert max(coefficients) < 1.0, "clipping must scale the unmagnified gradient"
+    assert any(0 < s < 24 for s in skipped), f"skipping must be partially active, got {skipped}"
+
+
+@pytest.mark.parametrize("transform", [scalar_T, general_T], ids=["scalar", "general"])
+def test_negative_control_adamw_is_not_invariant(base64, data, transform):
+    def adamw(model):
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    gap, _, _ = invariance_gap(base64, adamw, transform, data)
+    assert gap > 1e-2
+
+
+def test_negative_control_coupled_l2_is_not_invariant(base64, data):
+    def coupled_l2(model):
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad.add_(p.detach(), alpha=0.5)
+
+    gap, _, _ = invariance_gap(
+        base64, lambda m: LoRARite.from_model(m, lr=1e-2), general_T, data, before_step=coupled_l2
+    )
+    assert gap > 1e-4
+
+
+def test_negative_control_raw_gradient_clipping_is_not_invariant(base64, data):
+    def raw_clip(model):
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1e-3)
+
+    gap, _, _ = invariance_gap(
+        base64, lambda m: LoRARite.from_model(m, lr=1e-2), scalar_T, data, before_step=raw_clip
+    )
+    assert gap > 1e-4
+
+
+def reference_kwargs(hparams):
+    """LoRARite hyperparameters spelled out for the test reference (which has no variant presets)."""
+    opt = LoRARite([(torch.zeros(2, 3), torch.zeros(3, 2))], **hparams)
+    group = opt.param_groups[0]
+    keys = ("lr", "betas", "eps", "eps_root", "escape_mass", "normalize_rows", "clip_unmagnified_grad")
+    keys += ("update_skipping", "update_capping", "weight_decay")
+    return {k: group[k] for k in keys}
+
+
+@pytest.mark.parametrize("setting", list(INVARIANT_SETTINGS))
+def test_matches_independent_float64_reference(base64, data, setting):
+    hparams = INVARIANT_SETTINGS[setting]
+    ours_model, ref_model = copy.deepcopy(base64), copy.deepcopy(base64)
+    ours = LoRARite.from_model(ours_model, **hparams)
+    ref = ReferenceLoRARite(
+        [(p.A, p.B) for p in find_lora_pairs(ref_model).pairs], **reference_kwargs(hparams)
+    )
+    worst = 0.0
+    for ids in data[:30]:
+        lm_step(ours_model, ours, ids)
+        ref_model(input_ids=ids, labels=ids).loss.backward()
+        ref.step()
+        ref_model.zero_grad(set_to_none=True)
+        worst = max(worst, max_relative_gap(deltas(ref_model), deltas(ours_model)))
+    assert worst < 1e-10
+
+
+def least_squares(seed=0, m=40, n=30, r=4, dtype=F64):
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 64, generator=gen, dtype=dtype)
+    Y = torch.randn(m, 64, generator=gen, dtype=dtype)
+    A = torch.randn(r, n, generator=gen, dtype=dtype).requires_grad_()
+    B = torch.randn(m, r, generator=gen, dtype=dtype).requires_grad_()
+    return X, Y, A, B
+
+
+def test_closed_form_first_step():
+    """δ(BA) = −η(Q_B M_Aᵀ + M_B Q_Aᵀ) + O(η²); at the first step M = S = ḡ(ḡᵀḡ)^{-1/2}."""
+    X, Y, A, B = least_squares()
+    eta = 1e-7
+    loss = 0.5 * ((B @ A @ X - Y) ** 2).sum() / X.shape[1]
+    loss.backward()
+    with torch.no_grad():
+        QA, RA = torch.linalg.qr(A.T)
+        QB, RB = torch.linalg.qr(B)
+        gA = A.grad.T @ torch.linalg.inv(RB)
+        gB = B.grad @ torch.linalg.inv(RA)
+
+        def polar(g):
+            lam, E = torch.linalg.eigh(g.T @ g)
+            return g @ E @ torch.diag(lam**-0.5) @ E.T
+
+        expected = -eta * (QB @ polar(gA).T + polar(gB) @ QA.T)
+        before = (B @ A).clone()
+    opt = LoRARite([(A, B)], lr=eta, eps_root=0.0, eps=1e-30)
+    opt.step()
+    with torch.no_grad():
+        actual = B @ A - before
+    assert float((actual - expected).abs().max() / expected.abs().max()) < 1e-5
+
+
+def test_b_zero_init_only_b_moves_at_first_step():
+    X, Y, A, B = least_squares()
+    with torch.no_grad():
+        B.zero_()
+    opt = LoRARite([(A, B)], lr=1e-2)
+    A0 = A.detach().clone()
+    for step in range(2):
+        opt.zero_grad()
+        (0.5 * ((B @ A @ X - Y) ** 2).sum() / X.shape[1]).backward()
+        opt.step()
+        assert torch.isfinite(A).all() and torch.isfinite(B).all()
+        if step == 0:
+            assert torch.equal(A, A0), "A must not move while B = 0"
+            assert B.abs().max() > 0
+    assert not torch.equal(A, A0), "A joins from step 2"
+
+
+def test_descends_on_least_squares_with_invariant_lr_scale():
+    X, Y, A, B = least_squares()
+
+    def run(scale):
+        a, b = (A.detach() / scale).requires_grad_(), (B.detach() * scale).requires_grad_()
+        opt = LoRARite([(a, b)], lr=3e-2)
+        losses = []
+        for _ in range(200):
+            opt.zero_grad()
+            loss = 0.5 * ((b @ a @ X - Y) ** 2).sum() / X.shape[1]
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        return losses
+
+    plain, rescaled = run(1.0), run(1e3)
+    assert plain[-1] < 0.6 * plain[0]
+    assert max(abs(p - q) / p for p, q in zip(plain, rescaled)) < 1e-10
+
+
+def test_nonfinite_gradient_skips_that_pair_and_warns_once():
+    model = tiny_peft(dtype=torch.float32)
+    opt = LoRARite.from_model(model, lr=1e-2)
+    pairs = find_lora_pairs(model).pairs
+    ids = batches(3)
+    lm_step(model, opt, ids[0])
+    bad = pairs[3]
+    before = {k: v.clone() for k, v in opt.state[bad.A].items()}
+    A_before, B_before = bad.A.detach().clone(), bad.B.detach().clone()
+    other_before = pairs[0].B.detach().clone()
+    with pytest.warns(RuntimeWarning, match="inf/nan"):
+        for i in (1, 2):
+            model(input_ids=ids[i], labels=ids[i]).loss.backward()
+            bad.A.grad[0, 0] = float("nan") if i == 1 else float("inf")
+            opt.step()
+            opt.zero_grad()
+    assert opt.nonfinite_skips == 2
+    assert torch.equal(bad.A, A_before) and torch.equal(bad.B, B_before)
+    for key, value in opt.state[bad.A].items():
+        assert torch.equal(value, before[key]), key
+    assert not torch.equal(pairs[0].B, other_before), "the other pairs still update"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_conv_lora_uses_rank_on_dim_1_of_B():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+    model = get_peft_model(net, LoraConfig(r=2, target_modules=["0", "2"]))
+    pairs = find_lora_pairs(model).pairs
+    assert [p.kind for p in pairs] == ["conv", "conv"]
+    assert pairs[0].A.shape == (2, 3, 3, 3) and pairs[0].B.shape == (8, 2, 1, 1)
+    opt = LoRARite.from_model(model, lr=1e-2, strict=True)
+    x = torch.randn(4, 3, 10, 10)
+    losses = []
+    for _ in range(30):
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    assert pairs[0].B.shape == (8, 2, 1, 1)
+
+
+def test_trainer_factory_warns_about_raw_clipping_and_trains(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_peft(random_B=False)
+    rows = [{"input_ids": ids[0], "labels": ids[0]} for ids in batches(8, batch=1)]
+
+    def trainer(max_grad_norm):
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"clip{max_grad_norm}"),
+            max_steps=3,
+            per_device_train_batch_size=2,
+            max_grad_norm=max_grad_norm,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            logging_strategy="no",
+        )
+        return Trainer(
+            model=model,
+            args=args,
+            train_dataset=rows,
+            optimizer_cls_and_kwargs=(LoRARiteFactory, {"lr": 1e-2}),
+        )
+
+    with pytest.warns(UserWarning, match="max_grad_norm"):
+        trainer(1.0).create_optimizer()
+    quiet = trainer(0.0)
+    B = find_lora_pairs(model).pairs[0].B
+    before = B.detach().clone()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*max_grad_norm.*")
+        quiet.train()
+    assert isinstance(
+        quiet.optimizer.optimizer if hasattr(quiet.optimizer, "optimizer") else quiet.optimizer, LoRARite
+    )
+    assert not torch.equal(B, before)
+
+
+def test_trainer_accepts_a_ready_optimizer(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_peft(random_B=False)
+    rows = [{"input_ids": ids[0], "labels": ids[0]} for ids in batches(4, batch=1)]
+    opt = LoRARite.from_model(model, lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        max_grad_norm=0.0,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+    )
+    result = Trainer(model=model, args=args, train_dataset=rows, optimizers=(opt, sched)).train()
+    assert result.global_step == 2
+    assert torch.isfinite(torch.tensor(result.training_loss))
