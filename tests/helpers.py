@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
+
+from lorite.optim.invariance import effective_deltas as deltas  # noqa: F401  (re-exported for tests)
+from lorite.optim.invariance import (
+    invariance_deviation,
+    random_transform,
+    reparameterize,  # noqa: F401
+    scalar_transform,
+)
+from lorite.optim.invariance import relative_gap as max_relative_gap  # noqa: F401
 
 
 def tiny_llama(dtype=torch.float32, seed=0, vocab=64, hidden=32, layers=2):
@@ -54,25 +61,11 @@ def lm_step(model, optimizer, ids):
     return loss.detach()
 
 
-def deltas(model):
-    """Every pair's effective weight change s·B·A, by pair name."""
-    from lorite.optim import find_lora_pairs
-
-    return {pair.name: pair.delta_weight().detach().clone() for pair in find_lora_pairs(model).pairs}
+general_T = random_transform(seed=100)  # a well-conditioned random T per pair
+scalar_T = scalar_transform(1e3)  # (A/s, s·B) with s = 1000
 
 
-def max_relative_gap(d1, d2):
-    return max(float((d1[k] - d2[k]).abs().max() / d1[k].abs().max()) for k in d1)
-
-
-def reparameterize(model, transform):
-    """Return a copy whose pairs are (T⁻¹A, B·T) with ``T = transform(rank, index)``: same B·A."""
-    from lorite.optim import find_lora_pairs
-
-    twin = copy.deepcopy(model)
-    with torch.no_grad():
-        for index, pair in enumerate(find_lora_pairs(twin).pairs):
-            T = transform(pair.rank, index).to(pair.A.dtype)
-            pair.A.copy_(torch.linalg.solve(T, pair.A))
-            pair.B.copy_(pair.B @ T)
-    return twin
+def invariance_gap(base, make_optimizer, transform, data, before_step=None):
+    """(deviation, movement) of ``make_optimizer`` between ``base`` and its reparameterised twin."""
+    lm_batches = [{"input_ids": ids, "labels": ids} for ids in data]
+    return invariance_deviation(base, make_optimizer, lm_batches, transform, before_step)

@@ -16,20 +16,33 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from helpers import batches, lm_step, tiny_llama, tiny_peft
-from lorite.optim import LoRARite, PairOptimizer, find_lora_pairs
+from lorite.optim import PairOptimizer, available, create, find_lora_pairs
 
-# name -> (build from a model, a learning rate that trains the tiny models)
-CASES = {
-    "lora_rite": (lambda model, **kw: LoRARite.from_model(model, **kw), 1e-2),
-    "lora_rite_reference": (lambda model, **kw: LoRARite.from_model(model, variant="reference", **kw), 1e-2),
+# A learning rate per registry entry that trains the tiny test models (a new entry must add one here).
+TEST_LR = {
+    "adamw": 1e-2,
+    "lora_plus": 1e-3,
+    "scaled_adam": 1e-2,
+    "shampoo": 1e-2,
+    "lamb": 1e-2,
+    "lora_rite": 1e-2,
+    "lora_rite_reference": 1e-2,
 }
-PAIR_CASES = {name: case for name, case in CASES.items()}  # optimizers built on PairOptimizer
+CASES = list(available())
+# lorite's own pair optimizers (torch's AdamW keeps torch's rules: state in the param dtype, no pairs API)
+PAIR_CASES = [name for name in CASES if name != "adamw"]
 
 
 def build(name, model, **kw):
-    make, lr = CASES[name]
-    kw.setdefault("lr", lr)
-    return make(model, **kw)
+    kw.setdefault("lr", TEST_LR[name])
+    return create(name, model, **kw)
+
+
+def test_registry_lists_the_papers_optimizers():
+    assert set(available()) == set(TEST_LR)
+    assert all(isinstance(text, str) and text for text in available().values())
+    with pytest.raises(ValueError, match=r"unknown optimizer 'sgdx'.*lora_rite"):
+        create("sgdx", tiny_peft())
 
 
 def trainable(model):
@@ -191,12 +204,11 @@ def test_dora_and_modules_to_save_train_in_the_fallback(name):
 
 @pytest.mark.parametrize("name", PAIR_CASES)
 def test_strict_mode_refuses_unpaired_and_lora_free_models(name):
-    make, _ = CASES[name]
     dora = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
     with pytest.raises(ValueError, match=r"outside any LoRA pair.*DoRA magnitude"):
-        make(dora, lr=1e-3, strict=True)
+        build(name, dora, strict=True)
     with pytest.raises(ValueError, match="no trainable LoRA pairs"):
-        make(tiny_llama(), lr=1e-3, strict=True)
+        build(name, tiny_llama(), strict=True)
 
 
 def _cls(name):
