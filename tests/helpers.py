@@ -69,3 +69,62 @@ def invariance_gap(base, make_optimizer, transform, data, before_step=None):
     """(deviation, movement) of ``make_optimizer`` between ``base`` and its reparameterised twin."""
     lm_batches = [{"input_ids": ids, "labels": ids} for ids in data]
     return invariance_deviation(base, make_optimizer, lm_batches, transform, before_step)
+
+
+# ---------------------------------------------------------------- a tiny local "model directory"
+def tiny_model_dir(path, seed=0, hidden=32, layers=2):
+    """A random-init Llama with a character-level tokenizer and a chat template, saved as a local Hugging
+    Face model directory: what ``--model PATH`` accepts, small enough for CPU tests."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(["<pad>", "<eos>", "<bos>", *string.printable])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="?"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>", bos_token="<bos>"
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        eos_token_id=1, pad_token_id=0, bos_token_id=2, tie_word_embeddings=True,
+        initializer_range=0.3,  # with the default 0.02, RMSNorm caps every logit near 0.6: nothing can be learned
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_task(path, kind="multiple_choice", n=120, seed=0):
+    """A BIG-bench-format task.json that a tiny model can learn: the answer is the input's first word."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    words = ["red", "blue", "green", "gold"]
+    examples = []
+    for _ in range(n):
+        first = rng.choice(words)
+        text = f"{first} {' '.join(rng.choice(words) for _ in range(3))}"
+        if kind == "multiple_choice":
+            examples.append({"input": text, "target_scores": {w: int(w == first) for w in words}})
+        else:
+            examples.append({"input": text, "target": [first]})
+    data = {
+        "name": "first_word",
+        "description": "say the first word",
+        "task_prefix": "First word?",
+        "metrics": ["multiple_choice_grade" if kind == "multiple_choice" else "exact_str_match"],
+        "examples": examples,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path

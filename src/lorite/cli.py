@@ -1,41 +1,252 @@
-"""The ``lorite`` command."""
+"""The ``lorite`` command: ``finetune``, ``compare``, ``demo``.
+
+Bad input is one line on stderr and exit code 2, never a traceback, and nothing half-written is left.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
+from pathlib import Path
+
+from .errors import LoriteError
+
+DEMO_TASK = "social_iqa"
 
 
-class CliError(Exception):
-    """A user error: printed as one line, exit code 2."""
+def _add_training_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default=None, help="SmolLM2-135M-Instruct (default), a .gguf file or a model dir"
+    )
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument(
+        "--alpha", type=float, default=None, help="LoRA alpha (default: = rank, i.e. scaling 1)"
+    )
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument(
+        "--target-modules", default="all-linear", help="'all-linear' or a comma list (q_proj,v_proj)"
+    )
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--warmup-steps", type=int, default=None, help="default: 10%% of steps")
+    parser.add_argument("--schedule", default="cosine", help="cosine, linear or constant (after warmup)")
+    parser.add_argument("--max-grad-norm", type=float, default=0.0, help="raw-gradient clipping (0: off)")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--n-validation", type=int, default=200)
+    parser.add_argument("--n-test", type=int, default=400)
+    parser.add_argument("--eval-every", type=int, default=0, help="validation every N steps (0: at the end)")
+    parser.add_argument("--eval-batch-size", type=int, default=32)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on CUDA")
+    parser.add_argument(
+        "--optimizer-args",
+        default="{}",
+        help="extra optimizer hyperparameters as JSON, e.g. '{\"escape_mass\": false}'",
+    )
 
 
-def _demo(args: argparse.Namespace) -> None:
-    from .train.tiny_demo import run_tiny_demo
+def _base_config(args: argparse.Namespace, task: str, optimizer: str, lr: float, seed: int):
+    from .train.finetune import FinetuneConfig
 
-    run_tiny_demo(steps=args.steps, seed=args.seed)
+    try:
+        extra = json.loads(args.optimizer_args)
+    except json.JSONDecodeError as error:
+        raise LoriteError(f"--optimizer-args is not JSON: {error}") from error
+    if not isinstance(extra, dict):
+        raise LoriteError("--optimizer-args must be a JSON object")
+    targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
+    return FinetuneConfig(
+        task=task, model=args.model, optimizer=optimizer, lr=lr, optimizer_kwargs=extra,
+        rank=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=targets,
+        steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        warmup_steps=args.warmup_steps, schedule=args.schedule, max_grad_norm=args.max_grad_norm,
+        seed=seed, n_validation=args.n_validation, n_test=args.n_test, max_length=args.max_length,
+        eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
+        checkpoint_every=getattr(args, "checkpoint_every", 0), device=args.device, bf16=not args.no_bf16,
+    )  # fmt: skip
+
+
+def _check_names(task_list: list[str], optimizers: list[str]) -> None:
+    """Fail fast on unknown optimizers and tasks, before any model is loaded."""
+    from .data.bigbench import load_tasks
+    from .data.corpora import CORPORA
+    from .optim import available
+
+    unknown = [name for name in optimizers if name not in available()]
+    if unknown:
+        raise LoriteError(f"unknown optimizer {unknown[0]!r}; available: {', '.join(available())}")
+    bigbench = [t for t in task_list if not t.startswith(("corpus:", "file:"))]
+    for task in task_list:
+        if task.startswith("corpus:") and task.split(":", 1)[1] not in CORPORA:
+            raise LoriteError(f"unknown corpus {task.split(':', 1)[1]!r}; available: {', '.join(CORPORA)}")
+        if task.startswith("file:") and not Path(task.split(":", 1)[1]).exists():
+            raise LoriteError(f"task file {task.split(':', 1)[1]!r} does not exist")
+    if bigbench:
+        load_tasks(bigbench)
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from .train.finetune import FinetuneConfig, check_output_dir, finetune
+
+    if args.resume is not None:
+        out = Path(args.resume)
+        state = out / "checkpoint" / "train_state.json"
+        if not state.exists():
+            raise LoriteError(f"--resume {str(out)!r}: no checkpoint there (run with --checkpoint-every N)")
+        config = FinetuneConfig(**json.loads(state.read_text())["config"])  # the run's own settings
+    else:
+        if not args.task:
+            raise LoriteError("--task is required (or --resume DIR)")
+        out = Path(args.out)
+        check_output_dir(out, resume=False)
+        _check_names([args.task], [args.optimizer])
+        config = _base_config(args, args.task, args.optimizer, args.lr, args.seed)
+    results = finetune(config, out=out, resume=args.resume is not None)
+    print(
+        json.dumps(
+            {k: results.get(k) for k in ("validation", "test", "seconds_per_step")}, indent=1, default=str
+        )
+    )
+    print(f"adapter and metrics in {out}")
+
+
+def _parse_list(text: str, what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise LoriteError(f"--{what} is empty")
+    return items
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .train.compare import compare, parse_lrs, prepare_output
+
+    tasks = _parse_list(args.tasks, "tasks")
+    optimizers = _parse_list(args.optimizers, "optimizers")
+    grids = parse_lrs(args.lrs, optimizers)
+    _check_names(tasks, optimizers)
+    out = Path(args.out)
+    prepare_output(out)
+    base = _base_config(args, tasks[0], optimizers[0], 0.0, 0)
+    results = compare(
+        tasks, optimizers, grids, args.seeds, base, out, jobs=args.jobs, zero_shot=not args.no_zero_shot
+    )
+    _print_table(results)
+    print(f"\nreport: {out / 'report.md'}   results: {out / 'results.json'}   plots: {out}/*.png")
+
+
+def _print_table(results: dict) -> None:
+    for task, entry in results["tasks"].items():
+        zero = entry.get("zero_shot")
+        print(f"\n{task}" + (f"  (zero-shot test score {100 * zero['test']['score']:.1f})" if zero else ""))
+        print(f"  {'optimizer':<22}{'best lr':>9}  {'test score (×100)':>18}  {'s/step':>7}")
+        for name, info in entry["optimizers"].items():
+            mean, std = info["test_score"]
+            print(
+                f"  {name:<22}{info['best_lr']:>9g}  {100 * mean:>11.1f} ± {100 * std:<4.1f}  {info['seconds_per_step']:>7.2f}"
+            )
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """adamw vs lora_rite on SmolLM2 and one dev task, sized for 2 CPU cores and ~10 minutes."""
+    import torch
+
+    from .train.compare import compare, prepare_output
+    from .train.finetune import FinetuneConfig
+
+    if args.device == "auto" and not torch.cuda.is_available():
+        torch.set_num_threads(max(1, min(os.cpu_count() or 1, 2 if args.threads is None else args.threads)))
+    out = Path(args.out or f"lorite-demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    prepare_output(out)
+    base = FinetuneConfig(
+        task=args.task, optimizer="adamw", lr=0.0, rank=16, steps=args.steps, batch_size=8, n_validation=60,
+        n_test=args.n_test, eval_batch_size=32, max_length=256, device=args.device,
+    )  # fmt: skip
+    grids = {"adamw": [args.adamw_lr], "lora_rite": [args.lora_rite_lr]}
+    print(
+        f"lorite demo: LoRA r=16 on SmolLM2-135M-Instruct, BIG-bench {args.task}; {args.steps} steps of batch 8 "
+        f"per optimizer, then test accuracy on {args.n_test} held-out examples",
+        flush=True,
+    )
+    results = compare([args.task], ["adamw", "lora_rite"], grids, 1, base, out)
+    _print_table(results)
+    entry = results["tasks"][args.task]["optimizers"]
+    print("\ntraining loss (mean over 5-step windows)")
+    curves = {name: info["loss_curves"][0] for name, info in entry.items()}
+    print(f"  {'steps':>9}  " + "  ".join(f"{name:>10}" for name in curves))
+    for start in range(0, args.steps, 5):
+        cells = [sum(c[start : start + 5]) / len(c[start : start + 5]) for c in curves.values()]
+        print(f"  {start + 1:>4}-{min(start + 5, args.steps):<4}  " + "  ".join(f"{v:>10.4f}" for v in cells))
+    print(f"\nreport: {out / 'report.md'}   plots: {out}/loss_{args.task}.png, {out}/test_scores.png")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit code 2, as argparse's)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorite", description="Efficient LLM training around LoRA-RITE.")
+    parser = _Parser(prog="lorite", description="Efficient LLM training around LoRA-RITE.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser(
-        "demo", help="fine-tune a tiny model with LoRA-RITE and AdamW; print the loss curves"
+
+    finetune = sub.add_parser(
+        "finetune", help="LoRA fine-tuning on a BIG-bench task or corpus; evaluate; save"
     )
-    demo.add_argument("--steps", type=int, default=60)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_demo)
+    finetune.add_argument("--task", help="BIG-bench task, file:PATH/task.json or corpus:shakespeare")
+    finetune.add_argument("--optimizer", default="lora_rite")
+    finetune.add_argument("--lr", type=float, default=1e-3)
+    finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--out", default="lorite-run")
+    finetune.add_argument("--resume", default=None, help="continue the run whose checkpoint is in this dir")
+    finetune.add_argument("--checkpoint-every", type=int, default=0)
+    _add_training_args(finetune)
+    finetune.set_defaults(func=cmd_finetune)
+
+    comp = sub.add_parser("compare", help="optimizers × lr grids × seeds; best lr on validation; report")
+    comp.add_argument("--tasks", required=True, help="comma list of tasks")
+    comp.add_argument(
+        "--optimizers", default="adamw,lora_rite", help="comma list (see lorite.optim.available())"
+    )
+    comp.add_argument("--lrs", default="auto", help="'auto', '1e-4,3e-4,…', or 'adamw=1e-4:3e-4,lora_rite=…'")
+    comp.add_argument("--seeds", type=int, default=1, help="seeds at each optimizer's best lr")
+    comp.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
+    comp.add_argument("--out", default="lorite-compare")
+    comp.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot baseline")
+    _add_training_args(comp)
+    comp.set_defaults(func=cmd_compare)
+
+    demo = sub.add_parser("demo", help="adamw vs lora_rite on SmolLM2 and one task, CPU-sized (~10 min)")
+    demo.add_argument("--task", default=DEMO_TASK)
+    demo.add_argument("--steps", type=int, default=40)
+    demo.add_argument("--n-test", type=int, default=200)
+    demo.add_argument("--adamw-lr", type=float, default=1e-3)
+    demo.add_argument("--lora-rite-lr", type=float, default=1e-2)
+    demo.add_argument("--device", default="auto")
+    demo.add_argument("--threads", type=int, default=None)
+    demo.add_argument("--out", default=None)
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # usage errors (one line, code 2) and --help (code 0)
+        return int(exit_.code or 0)
     try:
         args.func(args)
-    except CliError as error:
+    except LoriteError as error:
         print(f"lorite {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"lorite {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

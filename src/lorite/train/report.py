@@ -1,0 +1,122 @@
+"""``report.md`` and plots for a :func:`lorite.train.compare.compare` result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..cache import atomic_write_text
+
+
+def _fmt(mean_std: tuple[float, float], scale: float = 100.0) -> str:
+    mean, std = mean_std
+    return f"{scale * mean:.1f} ± {scale * std:.1f}"
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def write_report(results: dict[str, Any], out: Path) -> list[Path]:
+    """Write ``out/report.md`` and PNGs; return the plot paths."""
+    plots = _plots(results, out)
+    tasks = results["tasks"]
+    optimizers = list(next(iter(tasks.values()))["optimizers"])
+    metric_note = "accuracy (multiple choice) or ROUGE-L (generation), ×100; perplexity for corpora (negated)"
+    lines = [
+        "# lorite compare",
+        "",
+        f"Test score at each optimizer's best learning rate (chosen on validation), mean ± std over "
+        f"{results['seeds']} seed(s). Score: {metric_note}.",
+        "",
+        "| task | zero-shot | " + " | ".join(optimizers) + " |",
+        "|---|---|" + "---|" * len(optimizers),
+    ]
+    averages: dict[str, list[float]] = {name: [] for name in optimizers}
+    for task, entry in tasks.items():
+        zero = entry.get("zero_shot")
+        zero_text = f"{100 * zero['test']['score']:.1f}" if zero else "—"
+        cells = []
+        for name in optimizers:
+            info = entry["optimizers"][name]
+            averages[name].append(info["test_score"][0])
+            edge = " (lr at grid edge)" if info["best_lr_at_grid_edge"] else ""
+            cells.append(_fmt(info["test_score"]) + edge)
+        lines.append(f"| {task} | {zero_text} | " + " | ".join(cells) + " |")
+    if len(tasks) > 1:
+        lines.append(
+            "| **average** | | "
+            + " | ".join(f"{100 * sum(v) / len(v):.1f}" for v in averages.values())
+            + " |"
+        )
+    lines += ["", "## Best learning rates and validation grids", ""]
+    for task, entry in tasks.items():
+        lines += [
+            f"### {task}",
+            "",
+            "| optimizer | best lr | validation score per lr (seed 0) | s/step |",
+            "|---|---|---|---|",
+        ]
+        for name in optimizers:
+            info = entry["optimizers"][name]
+            grid = ", ".join(
+                f"{lr}: {'diverged' if lr in info['diverged_lrs'] else f'{100 * score:.1f}'}"
+                for lr, score in info["grid"].items()
+            )
+            lines.append(f"| {name} | {info['best_lr']:g} | {grid} | {info['seconds_per_step']:.3f} |")
+        lines.append("")
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+    return plots
+
+
+def _plots(results: dict[str, Any], out: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    paths = []
+    tasks = results["tasks"]
+    for task, entry in tasks.items():
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name, info in entry["optimizers"].items():
+            curves = info["loss_curves"]
+            length = min(len(c) for c in curves)
+            mean = [sum(c[i] for c in curves) / len(curves) for i in range(length)]
+            ax.plot(_smooth(mean, max(1, length // 25)), label=f"{name} (lr {info['best_lr']:g})")
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (smoothed)")
+        ax.set_title(f"{task}: loss at each optimizer's best lr")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"loss_{task.replace('/', '__')}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) + 3), 4))
+    optimizers = list(next(iter(tasks.values()))["optimizers"])
+    width = 0.8 / len(optimizers)
+    for k, name in enumerate(optimizers):
+        means = [100 * tasks[t]["optimizers"][name]["test_score"][0] for t in tasks]
+        stds = [100 * tasks[t]["optimizers"][name]["test_score"][1] for t in tasks]
+        ax.bar([i + k * width for i in range(len(tasks))], means, width, yerr=stds, capsize=2, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))])
+    ax.set_xticklabels([t.split("/")[-1][:24] for t in tasks], fontsize=7)
+    ax.set_ylabel("test score ×100 (mean ± std over seeds)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "test_scores.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    paths.append(path)
+    return paths

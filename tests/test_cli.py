@@ -1,0 +1,74 @@
+"""The lorite command: bad input is one line on stderr and exit code 2 — never a traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import tiny_model_dir, write_task
+from lorite.cli import main
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    return tiny_model_dir(root / "model"), write_task(root / "task" / "task.json")
+
+
+def run(capsys, argv):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.err.strip().splitlines()
+
+
+def finetune_args(files, *extra):
+    model, task = files
+    return ["finetune", "--task", f"file:{task}", "--model", str(model), "--rank", "4", "--steps", "2",
+            "--batch-size", "2", "--n-validation", "8", "--n-test", "8", *extra]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["compare", "--tasks", "x", "--optimizers", "adamw", "--lrs", "fast"], "does not parse"),
+        (["compare", "--tasks", "x", "--optimizers", "sgdx"], "unknown optimizer 'sgdx'"),
+        (["finetune", "--task", "file:/nope/task.json"], "task file '/nope/task.json' does not exist"),
+        (["finetune", "--task", "corpus:tolstoy"], "unknown corpus 'tolstoy'"),
+        (["finetune", "--task", "x", "--lr", "abc"], "invalid float value: 'abc'"),
+        (["finetune", "--resume", "/nope"], "no checkpoint there"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(capsys, argv, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = run(capsys, argv)
+    assert code == 2
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_unknown_model_path_and_rank_too_large(capsys, files, tmp_path):
+    code, err = run(capsys, finetune_args(files, "--model", "/no/model", "--out", str(tmp_path / "a")))
+    assert code == 2 and len(err) == 1 and "model path '/no/model' does not exist" in err[0]
+    code, err = run(capsys, finetune_args(files, "--rank", "64", "--out", str(tmp_path / "b")))
+    assert code == 2 and "--rank 64 is larger than layer" in err[-1]
+    assert not (tmp_path / "b" / "metrics.json").exists()
+
+
+def test_finetune_then_refuse_to_overwrite(capsys, files, tmp_path):
+    out = tmp_path / "run"
+    code, _ = run(capsys, finetune_args(files, "--out", str(out), "--optimizer", "adamw", "--lr", "1e-3"))
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["optimizer"] == "adamw" and "test" in metrics
+    code, err = run(capsys, finetune_args(files, "--out", str(out)))
+    assert code == 2 and len(err) == 1 and "already holds a run" in err[0]
+    assert json.loads((out / "metrics.json").read_text()) == metrics, "the saved run is untouched"
+
+
+def test_finetune_resume_from_the_command_line(capsys, files, tmp_path):
+    out = tmp_path / "resumable"
+    code, _ = run(capsys, finetune_args(files, "--out", str(out), "--checkpoint-every", "1"))
+    assert code == 0 and (out / "checkpoint" / "train_state.json").exists()
+    (out / "metrics.json").unlink()
+    code, _ = run(capsys, ["finetune", "--resume", str(out)])
+    assert code == 0 and (out / "metrics.json").exists()

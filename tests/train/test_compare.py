@@ -1,0 +1,61 @@
+"""lorite compare: the grid, the choice on validation, test only at the chosen rate, the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import tiny_model_dir, write_task
+from lorite.errors import LoriteError
+from lorite.train.compare import AUTO_GRIDS, compare, parse_lrs
+from lorite.train.finetune import FinetuneConfig
+
+
+def test_parse_lrs_forms_and_errors():
+    assert parse_lrs("auto", ["adamw", "lora_rite"]) == {
+        "adamw": AUTO_GRIDS["adamw"],
+        "lora_rite": AUTO_GRIDS["lora_rite"],
+    }
+    assert parse_lrs("1e-3,3e-3", ["adamw"]) == {"adamw": [1e-3, 3e-3]}
+    assert parse_lrs("adamw=1e-4:3e-4,lamb=1e-2", ["adamw", "lamb"]) == {
+        "adamw": [1e-4, 3e-4],
+        "lamb": [1e-2],
+    }
+    with pytest.raises(LoriteError, match="does not parse"):
+        parse_lrs("fast", ["adamw"])
+    with pytest.raises(LoriteError, match="positive"):
+        parse_lrs("-1e-3", ["adamw"])
+    with pytest.raises(LoriteError, match="no learning rates for lamb"):
+        parse_lrs("adamw=1e-3", ["adamw", "lamb"])
+    assert all(len(grid) >= 5 for grid in AUTO_GRIDS.values())
+
+
+def test_compare_picks_on_validation_and_tests_only_the_pick(tmp_path):
+    model = tiny_model_dir(tmp_path / "model")
+    task = write_task(tmp_path / "task" / "task.json")
+    base = FinetuneConfig(
+        task="", model=str(model), rank=4, steps=4, batch_size=4, n_validation=16, n_test=16,
+        max_length=64, target_modules=["q_proj", "v_proj"],
+    )  # fmt: skip
+    grids = {"adamw": [1e-3, 1e-2], "lora_rite": [1e-2, 1e-1]}
+    out = tmp_path / "cmp"
+    results = compare([f"file:{task}"], ["adamw", "lora_rite"], grids, 2, base, out, progress=False)
+    entry = results["tasks"][f"file:{task}"]
+    for name, info in entry["optimizers"].items():
+        grid = {float(lr): score for lr, score in info["grid"].items()}
+        assert info["best_lr"] == max(grid, key=lambda lr: (grid[lr], -lr))
+        assert len(info["loss_curves"]) == 2  # two seeds at the best lr
+        for lr in grids[name]:
+            metrics = json.loads(
+                (
+                    out / f"file:{task}".replace("/", "__") / name / f"lr{lr:g}_seed0" / "metrics.json"
+                ).read_text()
+            )
+            assert ("test" in metrics) == (lr == info["best_lr"]), "test is evaluated at the chosen lr only"
+    assert entry["zero_shot"]["test"]["n"] == 16
+    report = (out / "report.md").read_text()
+    assert "adamw" in report and "lora_rite" in report and "±" in report
+    assert (out / "test_scores.png").stat().st_size > 0
+    with pytest.raises(LoriteError, match="already holds a comparison"):
+        compare([f"file:{task}"], ["adamw"], {"adamw": [1e-3]}, 1, base, out, progress=False)
