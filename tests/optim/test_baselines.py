@@ -124,7 +124,9 @@ def test_shampoo_matches_per_factor_reference(block):
     A_ref, B_ref = A.detach().clone(), B.detach().clone()
     # ε = 1e-6: with ε = 1e-12 the roots of these rank-4 statistics are ill-conditioned on their null space
     # (fp64 roundoff of the zero eigenvalues is ~1e-3 of ε), so two correct implementations differ visibly.
-    opt = Shampoo([(A, B)], lr=1e-2, block_size=block, precondition_frequency=3, epsilon=1e-6)
+    opt = Shampoo(
+        [(A, B)], lr=1e-2, block_size=block, precondition_frequency=3, epsilon=1e-6, relative_epsilon=0.0
+    )
     states = ({}, {})
     for t in range(1, 11):
         opt.zero_grad()
@@ -161,3 +163,15 @@ def test_registry_builds_every_baseline_on_a_real_peft_layout():
     for name in ("lora_plus", "scaled_adam", "shampoo", "lamb"):
         opt = create(name, model, lr=1e-3)
         assert len(opt.param_groups[0]["params"]) == 2 * len(find_lora_pairs(model).pairs)
+
+
+def test_newton_inverse_root_agrees_with_eigh():
+    from lorite.optim.shampoo import inverse_root
+
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(3, 64, 32, generator=gen)
+    S = X @ X.mT * 1e-3  # rank-deficient, as a young statistic is
+    G = S @ torch.randn(3, 64, 4, generator=gen)  # directions the statistic has seen
+    by_eigh = inverse_root(S, 4, 1e-12, method="eigh") @ G
+    by_newton = inverse_root(S, 4, 1e-12, method="newton") @ G
+    assert float((by_eigh - by_newton).norm() / by_eigh.norm()) < 1e-4

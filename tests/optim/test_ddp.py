@@ -71,5 +71,5 @@ def test_ddp_two_ranks_equal_single_process(tmp_path, variant):
     initial = tiny_peft()
     for name, p in single.named_parameters():
         if p.requires_grad:
-            torch.testing.assert_close(rank0[name], p.detach(), rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(rank0[name], p.detach(), rtol=1e-4, atol=1e-5)
             assert not torch.equal(p, initial.get_parameter(name)), "training must have moved the parameters"

@@ -11,7 +11,6 @@ import torch
 
 from . import _linalg
 from ._base import PairOptimizer, PairOptimizerFactory
-from .pairs import tall_view
 
 VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
     "paper": {
@@ -35,53 +34,39 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-@dataclass
-class _Side:
-    """One factor of every pair in a bucket, stacked as tall ``rows × r`` matrices.
-
-    For A the tall view is ``Aᵀ`` (``n × r``), for B it is ``B`` (``m × r``). Filled phase by phase.
-    """
-
-    params: list[torch.Tensor]
-    is_A: bool
-    X: torch.Tensor  # (nb, rows, r) factor values, compute dtype
-    G: torch.Tensor  # (nb, rows, r) gradients
-    Q: torch.Tensor | None = None  # orthonormal basis of the factor's column space
-    R: torch.Tensor | None = None  # (nb, r, r)
-    R_pinv: torch.Tensor | None = None
-    g_bar: torch.Tensor | None = None  # unmagnified gradient, in the partner's basis
-    finite: torch.Tensor | None = None  # (nb,) gradient is finite
-    P: torch.Tensor | None = None  # basis change of the partner, (nb, r, r)
-    V_rotated: torch.Tensor | None = None
-    rho: torch.Tensor | None = None
-    V: torch.Tensor | None = None
-    K: torch.Tensor | None = None  # (V + ρI)^{-1/2}
-    state: dict[str, torch.Tensor] = field(default_factory=dict)  # stacked previous state
-
-    @property
-    def rows(self) -> int:
-        return self.X.shape[1]
+_BIG_STATE = ("first_moment", "basis")  # (rows, r) per factor: one buffer per bucket
+_SMALL_STATE = ("step", "second_moment", "eigenvalues", "escaped_mass")  # per factor: one buffer per plan
+_STATE_KEYS = _SMALL_STATE + _BIG_STATE
 
 
 @dataclass
 class _Bucket:
-    """Pairs of one param group with identical factor shapes, dtypes and device."""
+    """Factors of one kind (A or B) with equal shape and dtype: stacked together every step.
 
+    A-factors are stacked in their own ``(r, n)`` layout; the algorithm's tall view ``Aᵀ`` is ``.mT``.
+    """
+
+    is_A: bool
+    params: list[torch.Tensor]
+    positions: slice  # where these factors sit in the plan's factor order
+    rows: int  # rows of the tall view
+    matrices: list[torch.Tensor] = field(default_factory=list)  # 2-D views of params: A (r, n), B (m, r)
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # first_moment, basis: (N, rows, r)
+
+
+@dataclass
+class _Plan:
+    """The layout of one step's work for the pairs of one param group with one rank, dtype and device."""
+
+    key: tuple
     group: dict[str, Any]
-    A: _Side
-    B: _Side
-    ok: torch.Tensor | None = None  # (nb,) pair's gradients are finite
-    beta1_hat: torch.Tensor | None = None
-    beta2_hat: torch.Tensor | None = None
-    skipped_factors: torch.Tensor | None = None  # how many factors update skipping zeroed
-
-    @property
-    def sides(self) -> tuple[tuple[_Side, _Side], tuple[_Side, _Side]]:
-        """``(side, partner)`` for both factors."""
-        return ((self.A, self.B), (self.B, self.A))
-
-
-_STATE_KEYS = ("step", "first_moment", "second_moment", "escaped_mass", "basis")
+    params: list[torch.Tensor]  # factor order: the buckets, concatenated
+    buckets: list[_Bucket]
+    partner: torch.Tensor  # (F,) position of every factor's partner
+    rows: torch.Tensor  # (F,) rows of every factor's tall view
+    dtype: torch.dtype
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # step, second_moment, escaped_mass
+    views: list[torch.Tensor] = field(default_factory=list)  # state[p]["first_moment"] as this plan set it
 
 
 class LoRARite(PairOptimizer):
@@ -145,8 +130,15 @@ class LoRARite(PairOptimizer):
     cast to the parameter dtype. A pair whose gradient holds inf/nan keeps its parameters and state; such
     skips are counted in :attr:`nonfinite_skips` and warned about once. Pairs without gradients are skipped.
 
-    Implementation: pairs of equal shapes form buckets whose factors are stacked, so each phase is a few
-    batched calls (``qr``, ``bmm``) per bucket and one batched ``pinv``/``eigh`` over all ``r × r`` matrices.
+    Implementation (issue: "LoRA-RITE at AdamW speed"; ``benchmarks/optimizer_step.py``): factors of equal
+    shape form buckets whose state lives in persistent stacked buffers (the per-parameter state entries
+    are views into them), so each phase is a few batched calls per bucket plus one batched call over all
+    ``r × r`` matrices. The thin QR is CholeskyQR2 in float64 (``torch.linalg.qr`` loops over the batch on
+    CUDA), ``R⁻¹`` a guarded triangular solve, and the ``r × r`` eigendecompositions a Triton Jacobi kernel
+    on CUDA (``torch.linalg.eigh`` synchronises with the host there). ``step()`` reads no tensor value on
+    the host, so it can be captured in a CUDA graph (give ``lr`` as a tensor so that schedulers reach the
+    captured graph). A factor whose Cholesky fails or whose ``R`` is numerically singular (``cond ≳ 1e7``)
+    is treated like ``B = 0``: ``R⁺ = 0``, so its partner does not move that step.
     """
 
     transformation_invariant: ClassVar[bool] = True
@@ -201,6 +193,7 @@ class LoRARite(PairOptimizer):
             key: VARIANT_DEFAULTS[variant][key] if value is None else value for key, value in chosen.items()
         }
         hparams.update(variant=variant, betas=tuple(betas), weight_decay=weight_decay)
+        self._plans: dict[tuple, _Plan] = {}
         super().__init__(params, lr, hparams, **fallback)
 
     def _validate_pair_group(self, group: dict[str, Any], where: str) -> None:
@@ -225,169 +218,243 @@ class LoRARite(PairOptimizer):
                 "zero-grad step of distributed checkpoint loading) gives 0·∞ = NaN"
             )
 
+    # ------------------------------------------------------------------ state layout
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._plans = {}  # loaded state tensors are not views of any buffer: restack them on the next step
+
+    def _plans_for(self, group: dict[str, Any]) -> list[_Plan]:
+        """The plans for this step's pairs (those with gradients), built once and reused while valid."""
+        families: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        for A, B in self.pairs_with_grads(group):
+            dtype = _linalg.compute_dtype(torch.promote_types(A.dtype, B.dtype))
+            families[(A.shape[0], dtype, A.device)].append((A, B))
+        plans = []
+        for (_, dtype, device), pairs in families.items():
+            key = (id(group), dtype, device, tuple(id(t) for pair in pairs for t in pair))
+            plan = self._plans.get(key)
+            if plan is None or not self._still_valid(plan):
+                plan = self._build_plan(key, group, pairs, dtype, device)
+                self._plans[key] = plan
+            plans.append(plan)
+        return plans
+
+    def _still_valid(self, plan: _Plan) -> bool:
+        """True while every factor's state is still the view this plan created (a load, or another plan
+        over an overlapping set of pairs, replaces them)."""
+        state = self.state
+        return all(state[p].get("first_moment") is view for p, view in zip(plan.params, plan.views))
+
+    def _build_plan(self, key, group, pairs, dtype, device) -> _Plan:
+        """Bucket the factors, stack their state (zeros where new) into buffers, point the state at them."""
+        kinds: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        for A, B in pairs:
+            kinds[(True, A.shape, A.dtype)].append(A)
+            kinds[(False, B.shape, B.dtype)].append(B)
+        buckets, params, start = [], [], 0
+        for (is_A, _, _), members in kinds.items():
+            rows = members[0][0].numel() if is_A else members[0].shape[0]
+            bucket = _Bucket(is_A, members, slice(start, start + len(members)), rows)
+            bucket.matrices = [
+                p.view(p.shape[0], -1) if is_A else p.view(p.shape[0], p.shape[1]) for p in members
+            ]
+            buckets.append(bucket)
+            params += members
+            start += len(members)
+        position = {id(p): i for i, p in enumerate(params)}
+        partner = [0] * len(params)
+        for A, B in pairs:
+            partner[position[id(A)]], partner[position[id(B)]] = position[id(B)], position[id(A)]
+        rank = pairs[0][0].shape[0]
+        plan = _Plan(
+            key, group, params, buckets,
+            partner=torch.tensor(partner, dtype=torch.long, device=device),
+            rows=torch.tensor([b.rows for b in buckets for _ in b.params], dtype=dtype, device=device),
+            dtype=dtype,
+        )  # fmt: skip
+        zeros = dict(dtype=dtype, device=device)
+        fresh = {
+            "step": lambda rows: torch.zeros((), dtype=torch.float32, device=device),
+            "second_moment": lambda rows: torch.zeros(rank, rank, **zeros),  # V, r × r
+            "eigenvalues": lambda rows: torch.zeros(rank, **zeros),  # of V, for the next escaped mass
+            "escaped_mass": lambda rows: torch.zeros((), **zeros),  # ρ
+            "first_moment": lambda rows: torch.zeros(rows, rank, **zeros),  # M, in the partner's basis
+            "basis": lambda rows: torch.zeros(rows, rank, **zeros),  # this factor's Q at its last update
+        }
+
+        def stacked(key, members, rows):
+            return torch.stack(
+                [self.state[p][key] if key in self.state[p] else fresh[key](rows) for p in members]
+            )
+
+        for bucket in buckets:
+            bucket.buffers = {key: stacked(key, bucket.params, bucket.rows) for key in _BIG_STATE}
+        plan.buffers = {key: stacked(key, params, None) for key in _SMALL_STATE}
+        for bucket in buckets:
+            for i, p in enumerate(bucket.params):
+                f = bucket.positions.start + i
+                state = {key: plan.buffers[key][f] for key in _SMALL_STATE}
+                state.update({key: bucket.buffers[key][i] for key in _BIG_STATE})
+                self.state[p] = state
+        plan.views = [self.state[p]["first_moment"] for p in params]
+        return plan
+
     # ------------------------------------------------------------------ step, in phases
     def _step_pairs(self, groups: list[dict[str, Any]]) -> None:
-        buckets = [bucket for group in groups for bucket in self._gather(group)]
-        if not buckets:
+        if not hasattr(self, "_plans"):
+            self._plans = {}
+        plans = [plan for group in groups for plan in self._plans_for(group)]
+        if not plans:
             return
-        self._factorize(buckets)
-        self._unmagnify(buckets)
-        self._clip(buckets)
-        self._second_moment(buckets)
-        self._update(buckets)
+        work = [self._unmagnify(plan) for plan in plans]
+        coefficients = self._clip(plans, work)
+        for plan, items, coefficient in zip(plans, work, coefficients):
+            self._update(plan, items, coefficient)
 
-    def _gather(self, group: dict[str, Any]) -> list[_Bucket]:
-        """Phase 0: stack the pairs with gradients into buckets of equal shapes; create missing state."""
-        by_key: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
-        for A, B in self.pairs_with_grads(group):
-            by_key[(A.shape, B.shape, A.dtype, B.dtype, A.device)].append((A, B))
-        buckets = []
-        for (_, _, dtype_A, dtype_B, _), pairs in by_key.items():
-            dtype = _linalg.compute_dtype(torch.promote_types(dtype_A, dtype_B))
-            sides = []
-            for is_A, params in ((True, [a for a, _ in pairs]), (False, [b for _, b in pairs])):
-                X = torch.stack([tall_view(p, is_A) for p in params]).to(dtype)
-                G = torch.stack([tall_view(p.grad, is_A) for p in params]).to(dtype)
-                for p, x in zip(params, X):
-                    if not self.state[p]:
-                        self._init_state(p, x)
-                state = {key: torch.stack([self.state[p][key] for p in params]) for key in _STATE_KEYS}
-                sides.append(_Side(params, is_A, X, G, state=state))
-            buckets.append(_Bucket(group, *sides))
-        return buckets
+    def _unmagnify(self, plan: _Plan) -> dict[str, Any]:
+        """Phases 1–2: QR of every factor, and the unmagnified gradients' Gram matrices.
 
-    def _init_state(self, param: torch.Tensor, tall: torch.Tensor) -> None:
-        rows, rank = tall.shape
-        zeros = dict(dtype=tall.dtype, device=tall.device)
-        self.state[param].update(
-            step=torch.zeros((), dtype=torch.float32, device=tall.device),
-            first_moment=torch.zeros(rows, rank, **zeros),  # M, in the partner's basis
-            second_moment=torch.zeros(rank, rank, **zeros),  # V, r × r
-            escaped_mass=torch.zeros((), **zeros),  # ρ
-            basis=torch.zeros(rows, rank, **zeros),  # Q of this factor at its last update
-        )
+        ``ḡ = ∇X̄ R⁺_partner`` is never formed: its Gram matrix is ``R⁺ᵀ (∇X̄ᵀ∇X̄) R⁺`` (one big reduction,
+        then ``r × r`` work), its squared norm that Gram matrix's trace, and ``S = ḡK = ∇X̄ (R⁺K)`` later.
+        Non-finite pairs (either factor's gradient) and skipped factors get ``ḡ = 0``.
+        """
+        tall, grads, Q, R, full, grams = [], [], [], [], [], []
+        for bucket in plan.buckets:
+            X = torch.stack(bucket.matrices).to(plan.dtype)  # A: (N, r, n), B: (N, m, r)
+            G = torch.stack([p.grad.reshape(m.shape) for p, m in zip(bucket.params, bucket.matrices)])
+            G = G.to(plan.dtype)
+            if bucket.is_A:
+                X, G = X.mT, G.mT  # tall views (N, n, r)
+            q, r_, ok = _linalg.thin_qr(X)
+            tall.append(X)
+            grads.append(G)
+            Q.append(q)
+            R.append(r_)
+            full.append(ok)
+            grams.append(G.mT @ G)  # ∇X̄ᵀ∇X̄, r × r
+        R_inv = _linalg.triangular_inverse(torch.cat(R), torch.cat(full))
+        R_inv_partner = R_inv.index_select(0, plan.partner)
+        gram = R_inv_partner.mT @ torch.cat(grams) @ R_inv_partner  # ḡᵀḡ
+        squares = gram.diagonal(dim1=-2, dim2=-1).sum(dim=-1)  # ‖ḡ‖²
+        finite = torch.isfinite(squares)
+        ok = finite & finite.index_select(0, plan.partner)  # the whole pair is skipped if either is bad
+        keep = ok
+        skip = float(plan.group["update_skipping"])
+        if skip > 0:  # zero ḡ of factors whose RMS exceeds the threshold (invariant: ḡ is consistent)
+            rms = (squares / (plan.rows * R_inv.shape[-1])).sqrt()
+            keep = ok & (rms <= skip)
+        for i, bucket in enumerate(plan.buckets):  # inf/nan gradients must not reach S or M
+            grads[i] = _linalg.masked(ok[bucket.positions], grads[i], 0.0)
+        return {
+            "tall": tall, "grads": grads, "Q": Q, "R_inv_partner": R_inv_partner, "ok": ok, "keep": keep,
+            "gram": _linalg.masked(keep, gram, 0.0), "squares": torch.where(keep, squares, 0.0),
+            "skipped": (ok & ~keep).sum(),
+        }  # fmt: skip
 
-    def _factorize(self, buckets: list[_Bucket]) -> None:
-        """Phase 1: thin QR of every factor, and the pseudo-inverses of the R's (one batched call)."""
-        sides = [side for bucket in buckets for side in (bucket.A, bucket.B)]
-        for side in sides:
-            side.Q, side.R = torch.linalg.qr(side.X)
-        for key_sides in _by_rank_key(sides).values():
-            pinvs = _linalg.concat_apply(_linalg.pinv, [s.R for s in key_sides])
-            for side, R_pinv in zip(key_sides, pinvs):
-                side.R_pinv = R_pinv
-
-    def _unmagnify(self, buckets: list[_Bucket]) -> None:
-        """Phase 2: ``ḡ_A = ∇Aᵀ R_B⁺`` (and ``ḡ_B = ∇B R_A⁺``); non-finite pairs and skipping zero ḡ."""
-        for bucket in buckets:
-            for side, partner in bucket.sides:
-                side.g_bar = side.G @ partner.R_pinv
-                side.finite = torch.isfinite(side.G).flatten(1).all(dim=1)
-            bucket.ok = bucket.A.finite & bucket.B.finite
-            skip = float(bucket.group["update_skipping"])
-            skipped = []
-            for side, _ in bucket.sides:
-                side.g_bar = torch.where(bucket.ok[:, None, None], side.g_bar, 0.0)
-                if skip > 0:
-                    too_large = _rms(side.g_bar) > skip
-                    side.g_bar = torch.where(too_large[:, None, None], 0.0, side.g_bar)
-                    skipped.append(too_large.sum())
-            bucket.skipped_factors = sum(skipped) if skipped else None
-        nonfinite = torch.stack([(~bucket.ok).sum() for bucket in buckets]).sum()
-        self._record_nonfinite(nonfinite)
-        self.diagnostics["nonfinite_pairs"] = nonfinite
-        counts = [b.skipped_factors for b in buckets if b.skipped_factors is not None]
-        self.diagnostics["skipped_factors"] = torch.stack(counts).sum() if counts else torch.zeros(())
-
-    def _clip(self, buckets: list[_Bucket]) -> None:
-        """Phase 3: global norm of all unmagnified gradients; groups with a threshold scale theirs."""
-        sq = [side.g_bar.square().sum() for bucket in buckets for side in (bucket.A, bucket.B)]
-        norm = torch.stack([s.to(sq[0].device) for s in sq]).sum().sqrt()
+    def _clip(self, plans: list[_Plan], work: list[dict[str, Any]]) -> list[torch.Tensor | None]:
+        """Phase 3: the global norm of all unmagnified gradients; per group, the factor that clips it."""
+        device = work[0]["squares"].device
+        norm = torch.stack([items["squares"].sum().to(device) for items in work]).sum().sqrt()
         self.diagnostics["unmagnified_grad_norm"] = norm
-        for bucket in buckets:
-            clip = float(bucket.group["clip_unmagnified_grad"])
+        self.diagnostics["skipped_factors"] = torch.stack(
+            [items["skipped"].to(device) for items in work]
+        ).sum()
+        nonfinite = torch.stack([(~items["ok"]).sum().to(device) for items in work]).sum() // 2
+        self.diagnostics["nonfinite_pairs"] = nonfinite
+        self._record_nonfinite(nonfinite)
+        coefficients = []
+        for plan in plans:
+            clip = float(plan.group["clip_unmagnified_grad"])
             if clip > 0:
-                coefficient = (clip / norm.to(bucket.A.g_bar.device)).clamp(max=1.0)
+                coefficient = (clip / norm.to(plan.partner.device)).clamp(max=1.0)
                 self.diagnostics["clip_coefficient"] = coefficient
-                for side in (bucket.A, bucket.B):
-                    side.g_bar = side.g_bar * coefficient
+                coefficients.append(coefficient)
+            else:
+                coefficients.append(None)
+        return coefficients
 
-    def _second_moment(self, buckets: list[_Bucket]) -> None:
-        """Phase 4: re-base V into the partner's new basis, escaped mass ρ, EMA of ḡᵀḡ, and (V + ρI)^{-1/2}."""
-        for bucket in buckets:
-            beta1, beta2 = bucket.group["betas"]
-            step = bucket.A.state["step"].to(bucket.A.X.dtype)
-            bucket.beta1_hat = _decay(beta1, step)
-            bucket.beta2_hat = _decay(beta2, step)
-            for side, partner in bucket.sides:
-                side.P = partner.Q.mT @ partner.state["basis"]
-                side.V_rotated = _linalg.symmetrize(side.P @ side.state["second_moment"] @ side.P.mT)
-        all_sides = [side for bucket in buckets for side in (bucket.A, bucket.B)]
-        escaping = [s for b in buckets if b.group["escape_mass"] for s in (b.A, b.B)]
-        for key_sides in _by_rank_key(escaping).values():
-            shifts = _linalg.concat_apply(
-                _linalg.eigenvalue_shift,
-                [s.state["second_moment"] for s in key_sides],
-                [s.V_rotated for s in key_sides],
-            )
-            for side, shift in zip(key_sides, shifts):
-                side.rho = shift
-        for bucket in buckets:
-            b2 = bucket.beta2_hat[:, None, None]
-            for side, _ in bucket.sides:
-                if side.rho is None:
-                    side.rho = torch.zeros_like(bucket.beta2_hat)
-                else:
-                    side.rho = bucket.beta2_hat * (side.state["escaped_mass"] + side.rho)
-                gram = side.g_bar.mT @ side.g_bar
-                if bucket.group["normalize_rows"]:
-                    gram = gram / side.rows
-                side.V = _linalg.symmetrize(b2 * side.V_rotated + (1 - b2) * gram)
-        for key_sides in _by_rank_key(all_sides).values():
-            decompositions = _linalg.concat_apply(torch.linalg.eigh, [s.V for s in key_sides])
-            for side, (eigenvalues, eigenvectors) in zip(key_sides, decompositions):
-                side.K = (eigenvalues, eigenvectors)
-        for bucket in buckets:
-            eps, eps_root = float(bucket.group["eps"]), float(bucket.group["eps_root"])
-            for side, _ in bucket.sides:
-                side.K = _linalg.inverse_sqrt_from_eigh(*side.K, side.rho, eps_root, eps)
+    def _update(self, plan: _Plan, items: dict[str, Any], coefficient: torch.Tensor | None) -> None:
+        """Phases 4–5: basis change, escaped mass, second moment, (V + ρI)^{-1/2}, first moment, update."""
+        group, dtype, buffers = plan.group, plan.dtype, plan.buffers
+        ok, keep = items["ok"], items["keep"]
+        beta1, beta2 = group["betas"]
+        step = buffers["step"].to(dtype)
+        # a skipped pair keeps its state exactly: β̂ = 1 and P = I turn every update below into the identity
+        b1 = torch.where(ok, _decay(beta1, step), 1.0)
+        b2 = torch.where(ok, _decay(beta2, step), 1.0)
+        rank = buffers["second_moment"].shape[-1]
+        eye = torch.eye(rank, dtype=dtype, device=ok.device)
 
-    def _update(self, buckets: list[_Bucket]) -> None:
-        """Phase 5: ``S = ḡK``, first moment, capping, re-magnify by the partner's R⁺, write back."""
-        for bucket in buckets:
-            group = bucket.group
-            ok = bucket.ok[:, None, None]
-            b1 = bucket.beta1_hat[:, None, None]
-            cap = float(group["update_capping"])
-            lr = group["lr"]
-            if isinstance(lr, torch.Tensor):
-                lr = lr.to(device=bucket.A.X.device, dtype=bucket.A.X.dtype)
-            step_size = bucket.ok.to(bucket.A.X.dtype)[:, None, None] * lr
-            new_states = []
-            for side, partner in bucket.sides:
-                S = side.g_bar @ side.K
-                M = b1 * (side.state["first_moment"] @ side.P.mT) + (1 - b1) * S
-                if cap > 0:
-                    M = M / (_rms(M) / cap).clamp(min=1.0)[:, None, None]
-                direction = M @ partner.R_pinv.mT + group["weight_decay"] * side.X
-                X_new = side.X - step_size * direction
-                torch._foreach_copy_([tall_view(p, side.is_A) for p in side.params], list(X_new.unbind(0)))
-                new_states.append(
-                    (
-                        side,
-                        {
-                            "step": side.state["step"] + bucket.ok.to(torch.float32),
-                            "first_moment": torch.where(ok, M, side.state["first_moment"]),
-                            "second_moment": torch.where(ok, side.V, side.state["second_moment"]),
-                            "escaped_mass": torch.where(bucket.ok, side.rho, side.state["escaped_mass"]),
-                            "basis": torch.where(ok, side.Q, side.state["basis"]),
-                        },
-                    )
-                )
-            for side, values in new_states:
-                for key, stacked in values.items():
-                    targets = [self.state[p][key] for p in side.params]
-                    torch._foreach_copy_(targets, list(stacked.unbind(0)))
+        own_change = [Q.mT @ b.buffers["basis"] for b, Q in zip(plan.buckets, items["Q"])]  # Q_Xᵀ Q_X^prev
+        P = torch.cat(own_change).index_select(0, plan.partner)  # A's state lives in B's basis, and back
+        P = _linalg.masked(ok, P, eye)
+        scale = 1 - b2  # (1 − β̂2) · clip² / rows, one per-factor scalar
+        if coefficient is not None:
+            scale = scale * coefficient.square()
+        if group["normalize_rows"]:
+            scale = scale / plan.rows
+
+        V_rotated = _linalg.symmetrize(P @ buffers["second_moment"] @ P.mT)
+        V = _linalg.symmetrize(b2[:, None, None] * V_rotated + scale[:, None, None] * items["gram"])
+        eigenvalues, eigenvectors = _linalg.eigh_small(V)
+        if group["escape_mass"]:  # the eigenvalues of the previous V are kept from its own decomposition
+            shift = _linalg.eigenvalue_shift(buffers["eigenvalues"], _linalg.eigvalsh_small(V_rotated))
+            rho = torch.where(ok, b2 * (buffers["escaped_mass"] + shift), buffers["escaped_mass"])
+        else:
+            rho = torch.zeros_like(b2)
+        K = _linalg.inverse_sqrt_from_eigh(
+            eigenvalues, eigenvectors, rho, float(group["eps_root"]), float(group["eps"])
+        )
+        # S·(1 − β̂1) = ∇X̄ R⁺ K (1 − β̂1) — with the clip factor, and 0 for skipped factors
+        factor = (1 - b1) * keep.to(dtype)
+        if coefficient is not None:
+            factor = factor * coefficient
+        gradient_map = items["R_inv_partner"] @ (K * factor[:, None, None])
+        P_scaled = b1[:, None, None] * P.mT  # M ← β̂1 M Pᵀ + (1 − β̂1) S
+
+        lr = group["lr"]
+        if isinstance(
+            lr, torch.Tensor
+        ):  # a CPU lr is read on the host (no device sync); a device lr stays there
+            lr = float(lr) if lr.device.type == "cpu" else lr.to(dtype)
+        step_size = ok.to(dtype) * lr
+        remagnify = step_size[:, None, None] * items["R_inv_partner"].mT  # η R⁺_partnerᵀ
+        cap = float(group["update_capping"])
+        weight_decay = float(group["weight_decay"])
+        for bucket, X, G, Q in zip(plan.buckets, items["tall"], items["grads"], items["Q"]):
+            at = bucket.positions
+            M = torch.baddbmm(G @ gradient_map[at], bucket.buffers["first_moment"], P_scaled[at])
+            if cap > 0:
+                M = M / (_rms(M) / cap).clamp(min=1.0)[:, None, None]
+            current = X.mT if bucket.is_A else X  # A is updated in its own (r, n) layout
+            if weight_decay:
+                current = current * (1 - weight_decay * step_size[at])[:, None, None]
+            if bucket.is_A:  # A ← A − η R⁺ Mᵀ
+                new = torch.baddbmm(current, remagnify[at].mT, M.mT, alpha=-1)
+            else:  # B ← B − η M R⁺ᵀ
+                new = torch.baddbmm(current, M, remagnify[at], alpha=-1)
+            torch._foreach_copy_(bucket.matrices, list(new.unbind(0)))
+            self._store(bucket, M, Q, ok[at])
+        plan.views = [self.state[p]["first_moment"] for p in plan.params]
+        buffers["second_moment"].copy_(V)
+        buffers["eigenvalues"].copy_(_linalg.masked(ok, eigenvalues, buffers["eigenvalues"]))
+        buffers["escaped_mass"].copy_(rho)
+        buffers["step"].add_(ok.to(torch.float32))
+
+    def _store(self, bucket: _Bucket, M: torch.Tensor, Q: torch.Tensor, ok: torch.Tensor) -> None:
+        """Keep the new first moment and basis. On CUDA they are copied into the persistent buffers, so that
+        a captured CUDA graph finds them at fixed addresses; on CPU, where a copy of every factor costs more
+        than the step's arithmetic, the new tensors become the buffers and the state views follow."""
+        buffers = bucket.buffers
+        if M.is_cuda:
+            buffers["first_moment"].copy_(M)
+            torch.where(ok[:, None, None], Q, buffers["basis"], out=buffers["basis"])
+            return
+        buffers["first_moment"] = M
+        buffers["basis"] = _linalg.masked(ok, Q, buffers["basis"])
+        for p, moment, basis in zip(bucket.params, M.unbind(0), buffers["basis"].unbind(0)):
+            state = self.state[p]
+            state["first_moment"], state["basis"] = moment, basis
 
 
 def _rms(X: torch.Tensor) -> torch.Tensor:
@@ -398,14 +465,6 @@ def _rms(X: torch.Tensor) -> torch.Tensor:
 def _decay(beta: float, step: torch.Tensor) -> torch.Tensor:
     """Bias-corrected decay ``β̂ = β(1 − β^k)/(1 − β^{k+1})`` for step counts ``k`` (0 at k = 0)."""
     return beta * (1 - beta**step) / (1 - beta ** (step + 1))
-
-
-def _by_rank_key(sides: list[_Side]) -> dict[tuple, list[_Side]]:
-    """Sides whose ``r × r`` matrices can be concatenated into one batched call."""
-    out: dict[tuple, list[_Side]] = defaultdict(list)
-    for side in sides:
-        out[(side.X.shape[-1], side.X.dtype, side.X.device)].append(side)
-    return out
 
 
 class LoRARiteFactory(PairOptimizerFactory):
