@@ -121,18 +121,51 @@ def _parse_list(text: str, what: str) -> list[str]:
     return items
 
 
-def cmd_compare(args: argparse.Namespace) -> None:
-    from .train.compare import compare, parse_lrs, prepare_output
+def _compare_config(path: str) -> dict:
+    """A comparison described in a JSON file (see benchmarks/configs/): ``tasks``, ``optimizers`` (names or
+    labelled variants), ``lrs`` (``"auto"`` or label → list), ``seeds``, and ``training`` (FinetuneConfig
+    fields). Makes each results table reproducible by one command."""
+    from .train.finetune import FinetuneConfig
 
-    tasks = _parse_list(args.tasks, "tasks")
-    optimizers = _parse_list(args.optimizers, "optimizers")
-    grids = parse_lrs(args.lrs, optimizers)
-    _check_names(tasks, optimizers)
+    try:
+        config = json.loads(Path(path).read_text())
+    except FileNotFoundError as error:
+        raise LoriteError(f"--config {path!r} does not exist") from error
+    except json.JSONDecodeError as error:
+        raise LoriteError(f"--config {path!r} is not valid JSON: {error}") from error
+    unknown = set(config) - {"description", "tasks", "optimizers", "lrs", "seeds", "training"}
+    if unknown:
+        raise LoriteError(f"--config {path!r}: unknown keys {sorted(unknown)}")
+    fields = set(FinetuneConfig.__dataclass_fields__) - {"task", "optimizer", "lr", "seed"}
+    bad = set(config.get("training", {})) - fields
+    if bad:
+        raise LoriteError(f"--config {path!r}: unknown training settings {sorted(bad)}")
+    return config
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .train.compare import compare, parse_lrs, parse_optimizers, prepare_output
+    from .train.finetune import FinetuneConfig
+
+    if args.config:
+        config = _compare_config(args.config)
+        tasks, optimizers = config["tasks"], config["optimizers"]
+        grids = parse_lrs(config.get("lrs", "auto"), optimizers)
+        seeds = int(config.get("seeds", 1))
+        base = FinetuneConfig(task=tasks[0], **config.get("training", {}))
+    else:
+        if not args.tasks:
+            raise LoriteError("--tasks is required (or --config FILE)")
+        tasks = _parse_list(args.tasks, "tasks")
+        optimizers = _parse_list(args.optimizers, "optimizers")
+        grids = parse_lrs(args.lrs, optimizers)
+        seeds = args.seeds
+        base = _base_config(args, tasks[0], optimizers[0], 0.0, 0)
+    _check_names(tasks, [spec.optimizer for spec in parse_optimizers(optimizers)])
     out = Path(args.out)
     prepare_output(out)
-    base = _base_config(args, tasks[0], optimizers[0], 0.0, 0)
     results = compare(
-        tasks, optimizers, grids, args.seeds, base, out, jobs=args.jobs, zero_shot=not args.no_zero_shot
+        tasks, optimizers, grids, seeds, base, out, jobs=args.jobs, zero_shot=not args.no_zero_shot
     )
     _print_table(results)
     print(f"\nreport: {out / 'report.md'}   results: {out / 'results.json'}   plots: {out}/*.png")
@@ -165,7 +198,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         task=args.task, optimizer="adamw", lr=0.0, rank=16, steps=args.steps, batch_size=8, n_validation=60,
         n_test=args.n_test, eval_batch_size=32, max_length=256, device=args.device,
     )  # fmt: skip
-    grids = {"adamw": [args.adamw_lr], "lora_rite": [args.lora_rite_lr]}
+    grids = {"adamw": [args.adamw_lr], "lora_rite": [args.lora_rite_lr]}  # one lr each: no selection
     print(
         f"lorite demo: LoRA r=16 on SmolLM2-135M-Instruct, BIG-bench {args.task}; {args.steps} steps of batch 8 "
         f"per optimizer, then test accuracy on {args.n_test} held-out examples",
@@ -208,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.set_defaults(func=cmd_finetune)
 
     comp = sub.add_parser("compare", help="optimizers × lr grids × seeds; best lr on validation; report")
-    comp.add_argument("--tasks", required=True, help="comma list of tasks")
+    comp.add_argument("--config", default=None, help="a JSON comparison (benchmarks/configs/*.json)")
+    comp.add_argument("--tasks", default=None, help="comma list of tasks")
     comp.add_argument(
         "--optimizers", default="adamw,lora_rite", help="comma list (see lorite.optim.available())"
     )

@@ -31,31 +31,49 @@ def test_parse_lrs_forms_and_errors():
     assert all(len(grid) >= 5 for grid in AUTO_GRIDS.values())
 
 
-def test_compare_picks_on_validation_and_tests_only_the_pick(tmp_path):
+def test_compare_picks_on_validation_and_reports_test_at_the_pick_only(tmp_path):
     model = tiny_model_dir(tmp_path / "model")
     task = write_task(tmp_path / "task" / "task.json")
     base = FinetuneConfig(
         task="", model=str(model), rank=4, steps=4, batch_size=4, n_validation=16, n_test=16,
         max_length=64, target_modules=["q_proj", "v_proj"],
     )  # fmt: skip
-    grids = {"adamw": [1e-3, 1e-2], "lora_rite": [1e-2, 1e-1]}
+    variant = {"label": "lora_rite/no-escape", "optimizer": "lora_rite", "args": {"escape_mass": False}}
+    optimizers = ["adamw", variant]
+    grids = {"adamw": [1e-3, 1e-2], "lora_rite/no-escape": [1e-2, 1e-1]}
     out = tmp_path / "cmp"
-    results = compare([f"file:{task}"], ["adamw", "lora_rite"], grids, 2, base, out, progress=False)
+    results = compare([f"file:{task}"], optimizers, grids, 2, base, out, progress=False)
     entry = results["tasks"][f"file:{task}"]
-    for name, info in entry["optimizers"].items():
+    assert set(entry["optimizers"]) == {"adamw", "lora_rite/no-escape"}
+    for label, info in entry["optimizers"].items():
         grid = {float(lr): score for lr, score in info["grid"].items()}
-        assert info["best_lr"] == max(grid, key=lambda lr: (grid[lr], -lr))
-        assert len(info["loss_curves"]) == 2  # two seeds at the best lr
-        for lr in grids[name]:
-            metrics = json.loads(
-                (
-                    out / f"file:{task}".replace("/", "__") / name / f"lr{lr:g}_seed0" / "metrics.json"
-                ).read_text()
-            )
-            assert ("test" in metrics) == (lr == info["best_lr"]), "test is evaluated at the chosen lr only"
+        assert info["best_lr"] == max(grid, key=lambda lr: (grid[lr], -lr)), "chosen on validation"
+        folder = out / f"file:{task}".replace("/", "__") / label.replace("/", "__")
+        tests = [
+            json.loads((folder / f"lr{info['best_lr']:g}_seed{seed}" / "metrics.json").read_text())["test"][
+                "score"
+            ]
+            for seed in (0, 1)
+        ]
+        assert info["test_score"][0] == pytest.approx(sum(tests) / 2), "the test score is the chosen lr's"
+        assert len(info["loss_curves"]) == 2
+    task_folder = out / f"file:{task}".replace("/", "__")
+    saved = json.loads((task_folder / "lora_rite__no-escape" / "lr0.01_seed0" / "metrics.json").read_text())
+    assert saved["config"]["optimizer_kwargs"] == {"escape_mass": False}
     assert entry["zero_shot"]["test"]["n"] == 16
     report = (out / "report.md").read_text()
-    assert "adamw" in report and "lora_rite" in report and "±" in report
+    assert "adamw" in report and "lora_rite/no-escape" in report and "±" in report
     assert (out / "test_scores.png").stat().st_size > 0
     with pytest.raises(LoriteError, match="already holds a comparison"):
         compare([f"file:{task}"], ["adamw"], {"adamw": [1e-3]}, 1, base, out, progress=False)
+
+
+def test_optimizer_entries_are_validated():
+    from lorite.train.compare import parse_optimizers
+
+    with pytest.raises(LoriteError, match="unknown optimizer 'sgdx'"):
+        parse_optimizers(["sgdx"])
+    with pytest.raises(LoriteError, match="unique"):
+        parse_optimizers(["adamw", {"label": "adamw", "optimizer": "lamb"}])
+    with pytest.raises(LoriteError, match="unknown keys"):
+        parse_optimizers([{"optimizer": "lamb", "lr": 1}])

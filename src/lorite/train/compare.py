@@ -3,9 +3,16 @@ optimizer chosen on validation, test metrics as mean ± std at that learning rat
 
 Protocol, per task and optimizer:
 
-1. every learning rate of the grid with seed 0 (validation only);
-2. the learning rate with the best validation score;
-3. that learning rate with every seed (seed 0's run re-evaluated on test), test mean ± std.
+1. every learning rate of the grid with seed 0;
+2. the learning rate with the best **validation** score;
+3. that learning rate with every seed; test mean ± std over those runs.
+
+Every run also evaluates the test split (so that an interrupted comparison can resume from its runs'
+``metrics.json`` alone), but only the test metrics of the validation-chosen learning rate are read.
+
+An "optimizer" can be a registry name or a labelled variant — ``{"label": "lora_rite/no-escape",
+"optimizer": "lora_rite", "args": {"escape_mass": false}, "init_scale": 10}`` in a config file — so that
+ablations are comparisons too.
 
 Runs are independent processes when ``jobs > 1`` (they share one GPU well: a 135M model leaves it idle
 most of the time). Everything lands in ``out/``: one folder per run, ``results.json``, ``report.md`` and
@@ -41,11 +48,20 @@ AUTO_GRIDS = {
 }
 
 
-def parse_lrs(text: str, optimizers: list[str]) -> dict[str, list[float]]:
-    """``auto``, a comma list for every optimizer (``1e-4,3e-4``), or per optimizer
-    (``adamw=1e-4:3e-4,lora_rite=1e-3:1e-2``)."""
+def parse_lrs(text: str | dict, optimizers: list[Any]) -> dict[str, list[float]]:
+    """Learning-rate grids by optimizer label: ``auto`` (:data:`AUTO_GRIDS` of each entry's optimizer), a
+    comma list for every optimizer (``1e-4,3e-4``), per optimizer (``adamw=1e-4:3e-4,lora_rite=1e-3:1e-2``),
+    or (from a config file) a dict label → list."""
+    specs = parse_optimizers(optimizers)
+    if isinstance(text, dict):
+        grids = {label: [float(v) for v in values] for label, values in text.items()}
+        missing = [s.label for s in specs if s.label not in grids]
+        if missing:
+            raise LoriteError(f"lrs gives no learning rates for {', '.join(missing)}")
+        return {s.label: grids[s.label] for s in specs}
     if text.strip() == "auto":
-        return {name: list(AUTO_GRIDS.get(name, AUTO_GRIDS["adamw"])) for name in optimizers}
+        return {s.label: list(AUTO_GRIDS[s.optimizer]) for s in specs}
+    optimizers = [s.label for s in specs]
     try:
         if "=" in text:
             grids = {}
@@ -69,49 +85,83 @@ def parse_lrs(text: str, optimizers: list[str]) -> dict[str, list[float]]:
 
 
 @dataclass(frozen=True)
+class OptimizerSpec:
+    """A compared optimizer: a registry name with optional hyperparameters and LoRA init rescaling."""
+
+    label: str
+    optimizer: str
+    args_json: str = "{}"  # hyperparameters as JSON (hashable)
+    init_scale: float = 1.0
+
+    @property
+    def args(self) -> dict[str, Any]:
+        return json.loads(self.args_json)
+
+
+def parse_optimizers(items: list[Any]) -> list[OptimizerSpec]:
+    """Registry names, or dicts with ``label``, ``optimizer`` and optional ``args``, ``init_scale``."""
+    from ..optim import available
+
+    specs = []
+    for item in items:
+        if isinstance(item, str):
+            spec = OptimizerSpec(item, item)
+        elif isinstance(item, dict) and "optimizer" in item:
+            unknown = set(item) - {"label", "optimizer", "args", "init_scale"}
+            if unknown:
+                raise LoriteError(f"optimizer entry {item}: unknown keys {sorted(unknown)}")
+            spec = OptimizerSpec(
+                item.get("label", item["optimizer"]),
+                item["optimizer"],
+                json.dumps(item.get("args", {}), sort_keys=True),
+                float(item.get("init_scale", 1.0)),
+            )
+        else:
+            raise LoriteError(f"optimizer entry {item!r}: give a name or {{'label', 'optimizer', 'args'}}")
+        if spec.optimizer not in available():
+            raise LoriteError(f"unknown optimizer {spec.optimizer!r}; available: {', '.join(available())}")
+        specs.append(spec)
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise LoriteError(f"optimizer labels must be unique, got {labels}")
+    return specs
+
+
+@dataclass(frozen=True)
 class RunSpec:
     task: str
-    optimizer: str
+    spec: OptimizerSpec
     lr: float
     seed: int
-    with_test: bool
 
     @property
     def folder(self) -> str:
-        return f"{self.task.replace('/', '__')}/{self.optimizer}/lr{self.lr:g}_seed{self.seed}"
+        return f"{self.task.replace('/', '__')}/{self.spec.label.replace('/', '__')}/lr{self.lr:g}_seed{self.seed}"
 
 
-def _execute(base: dict[str, Any], spec: RunSpec, out: str, progress: bool) -> tuple[RunSpec, dict]:
-    """One run (in a worker process when jobs > 1). A finished run is read back, not redone; the grid run
-    of the chosen learning rate gets its test evaluation from its saved adapter."""
-    folder = Path(out) / spec.folder
+def _execute(base: dict[str, Any], run: RunSpec, out: str, progress: bool) -> tuple[RunSpec, dict]:
+    """One run (in a worker process when jobs > 1). A finished run is read back, not redone."""
+    folder = Path(out) / run.folder
     metrics_file = folder / "metrics.json"
-    config = FinetuneConfig(**{**base, "task": spec.task, "optimizer": spec.optimizer, "lr": spec.lr})
-    config = replace(config, seed=spec.seed, skip_test=not spec.with_test)
     if metrics_file.exists():
-        done = json.loads(metrics_file.read_text())
-        if spec.with_test and "test" not in done and not done.get("diverged"):
-            done["test"] = evaluate_saved_adapter(config, folder / "adapter", "test", progress)
-            atomic_write_text(metrics_file, json.dumps(done, indent=1, default=str))
-        return spec, done
-    return spec, finetune(config, out=folder, progress=progress)
-
-
-def evaluate_saved_adapter(config: FinetuneConfig, adapter_dir: Path, split: str, progress: bool) -> dict:
-    """Metrics on ``split`` of the base model with the adapter saved in ``adapter_dir``."""
-    from peft import PeftModel
-
-    from ..models import load_causal_lm
-    from .finetune import evaluate, load_task_data, pick_device
-
-    model, tokenizer = load_causal_lm(config.model)
-    model = PeftModel.from_pretrained(model, str(adapter_dir)).to(pick_device(config.device))
-    return evaluate(model, tokenizer, load_task_data(config, tokenizer), split, config, progress)
+        return run, json.loads(metrics_file.read_text())
+    config = FinetuneConfig(
+        **{
+            **base,
+            "task": run.task,
+            "optimizer": run.spec.optimizer,
+            "optimizer_kwargs": {**base.get("optimizer_kwargs", {}), **run.spec.args},
+            "init_scale": run.spec.init_scale,
+            "lr": run.lr,
+            "seed": run.seed,
+        }
+    )
+    return run, finetune(config, out=folder, progress=progress)
 
 
 def compare(
     tasks: list[str],
-    optimizers: list[str],
+    optimizers: list[Any],
     grids: dict[str, list[float]],
     seeds: int,
     base: FinetuneConfig,
@@ -120,13 +170,16 @@ def compare(
     progress: bool = True,
     zero_shot: bool = True,
 ) -> dict:
-    """Run the protocol of the module docstring; write ``results.json``, ``report.md`` and plots."""
-    from ..optim import available
+    """Run the protocol of the module docstring; write ``results.json``, ``report.md`` and plots.
 
+    ``optimizers``: registry names or labelled variants (see :func:`parse_optimizers`); ``grids`` maps each
+    label to its learning rates.
+    """
     out = Path(out)
-    unknown = [name for name in optimizers if name not in available()]
-    if unknown:
-        raise LoriteError(f"unknown optimizer(s) {', '.join(unknown)}; available: {', '.join(available())}")
+    specs = parse_optimizers(optimizers)
+    missing = [s.label for s in specs if s.label not in grids]
+    if missing:
+        raise LoriteError(f"no learning-rate grid for {', '.join(missing)}")
     if seeds < 1:
         raise LoriteError(f"--seeds must be >= 1, got {seeds}")
     if (out / "results.json").exists():
@@ -134,51 +187,56 @@ def compare(
             f"output dir {str(out)!r} already holds a comparison (results.json); use another --out"
         )
     base_fields = {k: v for k, v in asdict(base).items() if k not in ("task", "optimizer", "lr", "seed")}
-    base_fields["eval_every"] = base.eval_every
+    base_fields["skip_test"] = False
 
-    def run_all(specs: list[RunSpec]) -> dict[RunSpec, dict]:
+    def run_all(runs: list[RunSpec]) -> dict[RunSpec, dict]:
         results = {}
         if jobs <= 1:
-            for spec in specs:
-                results[spec] = _execute(base_fields, spec, str(out), progress)[1]
+            for run in runs:
+                results[run] = _execute(base_fields, run, str(out), progress)[1]
             return results
         import multiprocessing
 
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_execute, base_fields, spec, str(out), False) for spec in specs]
+            futures = [pool.submit(_execute, base_fields, run, str(out), False) for run in runs]
             for future in as_completed(futures):
-                spec, result = future.result()
-                results[spec] = result
+                run, result = future.result()
+                results[run] = result
                 if progress:
                     score = result.get("validation", {}).get("score")
-                    print(f"done {spec.folder}: validation score {score}", flush=True)
+                    print(f"done {run.folder}: validation score {score}", flush=True)
         return results
 
-    # 1. the grid, seed 0, validation only
-    grid_specs = [RunSpec(t, o, lr, 0, False) for t in tasks for o in optimizers for lr in grids[o]]
-    grid = run_all(grid_specs)
-    best: dict[tuple[str, str], float] = {}
-    for task in tasks:
-        for name in optimizers:
-            scored = [
-                (grid[RunSpec(task, name, lr, 0, False)]["validation"]["score"], lr) for lr in grids[name]
-            ]
-            best[(task, name)] = max(scored, key=lambda pair: (pair[0], -pair[1]))[1]
-    # 2. the best lr with every seed, on test
-    final_specs = [
-        RunSpec(t, o, best[(t, o)], s, True) for t in tasks for o in optimizers for s in range(seeds)
-    ]
-    final = run_all(final_specs)
+    # 1. the grid, seed 0
+    grid = run_all([RunSpec(t, s, lr, 0) for t in tasks for s in specs for lr in grids[s.label]])
+    # 2. the best lr on validation; 3. every seed at it
+    best = {
+        (t, s.label): _best_lr([(grid[RunSpec(t, s, lr, 0)], lr) for lr in grids[s.label]])
+        for t in tasks
+        for s in specs
+    }
+    final = run_all(
+        [RunSpec(t, s, best[(t, s.label)], seed) for t in tasks for s in specs for seed in range(seeds)]
+    )
+    final.update(grid)
 
-    baseline = {}
-    if zero_shot:
-        baseline = {task: _zero_shot(replace(base, task=task), progress) for task in tasks}
-    results = _summarise(tasks, optimizers, grids, seeds, grid, final, best, baseline, base)
+    baseline = {task: _zero_shot(replace(base, task=task), progress) for task in tasks} if zero_shot else {}
+    results = _summarise(tasks, specs, grids, seeds, final, best, baseline, base)
     atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=str))
     from .report import write_report
 
     write_report(results, out)
     return results
+
+
+def _best_lr(scored: list[tuple[dict, float]]) -> float:
+    """The learning rate with the best validation score (a diverged run scores −∞; ties: smaller lr)."""
+
+    def score(result: dict) -> float:
+        value = result.get("validation", {}).get("score")
+        return -math.inf if value is None or result.get("diverged") or math.isnan(value) else value
+
+    return max(scored, key=lambda pair: (score(pair[0]), -pair[1]))[1]
 
 
 def _zero_shot(config: FinetuneConfig, progress: bool) -> dict:
@@ -199,34 +257,33 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _summarise(tasks, optimizers, grids, seeds, grid, final, best, baseline, base) -> dict:
+def _summarise(tasks, specs, grids, seeds, runs, best, baseline, base) -> dict:
     summary: dict[str, Any] = {"config": asdict(base), "seeds": seeds, "tasks": {}}
     for task in tasks:
         entry: dict[str, Any] = {"zero_shot": baseline.get(task), "optimizers": {}}
-        for name in optimizers:
-            runs = [final[RunSpec(task, name, best[(task, name)], s, True)] for s in range(seeds)]
-            tests = [r["test"]["score"] if "test" in r else float("nan") for r in runs]
-            metric_names = [k for k in runs[0].get("test", {}) if k not in ("score", "n", "samples")]
-            per_metric = {m: _mean_std([r["test"][m] for r in runs if "test" in r]) for m in metric_names}
-            lr_grid = grids[name]
-            entry["optimizers"][name] = {
-                "best_lr": best[(task, name)],
-                "best_lr_at_grid_edge": best[(task, name)] in (min(lr_grid), max(lr_grid)),
-                "grid": {
-                    f"{lr:g}": grid[RunSpec(task, name, lr, 0, False)]["validation"].get("score")
-                    for lr in lr_grid
-                },
+        for spec in specs:
+            lr = best[(task, spec.label)]
+            chosen = [runs[RunSpec(task, spec, lr, s)] for s in range(seeds)]
+            tests = [r["test"]["score"] if "test" in r else float("nan") for r in chosen]
+            metric_names = [k for k in chosen[0].get("test", {}) if k not in ("score", "n", "samples")]
+            per_metric = {m: _mean_std([r["test"][m] for r in chosen if "test" in r]) for m in metric_names}
+            lr_grid = grids[spec.label]
+            grid_runs = {f"{g:g}": runs[RunSpec(task, spec, g, 0)] for g in lr_grid}
+            timing = [r["seconds_per_step"] for r in chosen if r.get("seconds_per_step")]
+            entry["optimizers"][spec.label] = {
+                "optimizer": spec.optimizer,
+                "args": spec.args,
+                "init_scale": spec.init_scale,
+                "best_lr": lr,
+                "best_lr_at_grid_edge": len(lr_grid) > 1 and lr in (min(lr_grid), max(lr_grid)),
+                "grid": {g: r.get("validation", {}).get("score") for g, r in grid_runs.items()},
                 "test_score": _mean_std(tests),
                 "test_metrics": per_metric,
-                "validation_score": _mean_std([r["validation"]["score"] for r in runs]),
-                "seconds_per_step": statistics.median(
-                    r["seconds_per_step"] for r in runs if r.get("seconds_per_step")
-                ),
-                "loss_curves": [r["history"]["loss"] for r in runs],
-                "validation_curves": [r["history"]["validation"] for r in runs],
-                "diverged_lrs": [
-                    f"{lr:g}" for lr in lr_grid if grid[RunSpec(task, name, lr, 0, False)].get("diverged")
-                ],
+                "validation_score": _mean_std([r["validation"]["score"] for r in chosen]),
+                "seconds_per_step": statistics.median(timing) if timing else None,
+                "loss_curves": [r["history"]["loss"] for r in chosen],
+                "validation_curves": [r["history"]["validation"] for r in chosen],
+                "diverged_lrs": [g for g, r in grid_runs.items() if r.get("diverged")],
             }
         summary["tasks"][task] = entry
     return summary

@@ -165,7 +165,14 @@ def evaluate_task(
         scores = choice_log_likelihoods(model, tokenizer, task, examples, batch_size, progress=progress)
         accuracy = accuracy_from_scores(scores, [ex.correct for ex in examples])
         return {"accuracy": accuracy, "score": accuracy, "n": len(examples)}
-    answers = generate_answers(model, tokenizer, task, examples, batch_size, progress=progress)
+    # room for the references: 1.25 × their 95th-percentile length in tokens, within [8, 128]
+    lengths = sorted(
+        len(tokenizer(t, add_special_tokens=False)["input_ids"]) for ex in examples for t in ex.targets
+    )
+    budget = min(128, max(8, int(1.25 * lengths[int(0.95 * (len(lengths) - 1))]) + 2))
+    answers = generate_answers(
+        model, tokenizer, task, examples, batch_size, max_new_tokens=budget, progress=progress
+    )
     em = sum(exact_match(a, ex.targets) for a, ex in zip(answers, examples)) / len(examples)
     rouge = sum(rouge_l(a, ex.targets) for a, ex in zip(answers, examples)) / len(examples)
     return {"exact_match": em, "rouge_l": rouge, "score": rouge, "n": len(examples), "samples": answers[:5]}

@@ -38,6 +38,7 @@ class FinetuneConfig:
     rank: int = 16
     alpha: float | None = None  # None: alpha = rank, scaling s = α/r = 1 (the LoRA-RITE authors' setting)
     dropout: float = 0.0  # the paper sets dropout 0 for every method
+    init_scale: float = 1.0  # start from (A·s, B/s): the same B·A, another factorisation
     target_modules: str | list[str] = "all-linear"
     steps: int = 200
     batch_size: int = 16
@@ -66,6 +67,8 @@ class FinetuneConfig:
             raise LoriteError(f"--lr must be a non-negative number, got {self.lr}")
         if self.schedule not in SCHEDULES:
             raise LoriteError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not (self.init_scale > 0 and math.isfinite(self.init_scale)):
+            raise LoriteError(f"init_scale must be a positive number, got {self.init_scale}")
         if self.method != "lora":
             raise LoriteError(f"--method {self.method!r} is not supported (lora)")
 
@@ -114,9 +117,17 @@ def add_lora(model, config: FinetuneConfig):
                 f"--rank {config.rank} is larger than layer {name} ({module.out_features} × {module.in_features})"
             )
     try:
-        return get_peft_model(model, lora)
+        model = get_peft_model(model, lora)
     except ValueError as error:
         raise LoriteError(f"LoRA target modules {targets!r}: {error}") from error
+    if config.init_scale != 1.0:
+        from ..optim import find_lora_pairs
+
+        with torch.no_grad():
+            for pair in find_lora_pairs(model).pairs:
+                pair.A.mul_(config.init_scale)
+                pair.B.div_(config.init_scale)
+    return model
 
 
 @dataclass

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU experiments of docs/results.md, in order. Each is one `lorite compare --config` command; a
+# comparison that was interrupted resumes from the runs whose metrics.json exist. Runs that two configs
+# share exactly (same task, optimizer label, lr, seed and training settings) are reused, not redone.
+#
+#   benchmarks/gpu_experiments.sh [names...]     (default: all, in the order below)
+#   env: RUNS (output root, default /tmp/runs), JOBS (parallel runs, default 12), LORITE_CACHE
+set -u
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-/tmp/runs}
+JOBS=${JOBS:-12}
+mkdir -p "$RUNS"
+
+share() {  # share FROM TO: copy the finished runs of FROM that TO would run identically
+  [ -d "$RUNS/$1" ] || return 0
+  (cd "$RUNS/$1" && find . -mindepth 4 -name metrics.json) | while read -r file; do
+    case "$2:$file" in
+      lora_rite_ablation:*/lora_rite/*) ;;
+      lora_rite_ablation:*/lora_rite_reference/*) ;;
+      paper_table:*) ;;
+      *) continue ;;
+    esac
+    mkdir -p "$RUNS/$2/$(dirname "$file")"
+    [ -f "$RUNS/$2/$file" ] || cp "$RUNS/$1/$file" "$RUNS/$2/$file"
+  done
+}
+
+for name in "${@:-two_tasks paper_table lora_rite_ablation rank_4 rank_64 init_scale}"; do
+  for one in $name; do
+    [ -f "$RUNS/$one/results.json" ] && continue
+    case $one in
+      paper_table) share two_tasks paper_table ;;
+      lora_rite_ablation) share paper_table lora_rite_ablation ;;
+    esac
+    echo "== $one $(date +%T)"
+    python3 -m lorite.cli compare --config "benchmarks/configs/$one.json" --out "$RUNS/$one" --jobs "$JOBS" \
+      >"$RUNS/$one.log" 2>&1
+    echo "== $one done rc=$? $(date +%T)"
+  done
+done
