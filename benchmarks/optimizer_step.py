@@ -72,6 +72,10 @@ def build_optimizer(name: str, pairs, device: torch.device):
         return Theirs(params, lr=1e-3)  # alternating A, B order
     classes = {
         "lora_rite": lambda: lo.LoRARite(pairs, lr=1e-3),
+        "lora_rite+graph": lambda: lo.LoRARite(pairs, lr=1e-3, cuda_graph=True),
+        "lora_rite_reference+graph": lambda: lo.LoRARite(
+            pairs, lr=1e-3, variant="reference", cuda_graph=True
+        ),
         "lora_rite_reference": lambda: lo.LoRARite(pairs, lr=1e-3, variant="reference"),
         "lora_plus": lambda: lo.LoRAPlus(pairs, lr=1e-4),
         "scaled_adam": lambda: lo.ScaledAdam(pairs, lr=1e-4),
@@ -140,32 +144,41 @@ def build_model(config_name: str, device: torch.device, rank: int):
     return get_peft_model(model, lora)  # LoRA factors are fp32 (peft upcasts adapters)
 
 
-def whole_step_ms(
-    name: str, config_name: str, rank: int, device, steps: int, warmup: int, batch, seq
-) -> float:
+def make_optimizer(name: str, model):
     import lorite.optim as lo
 
-    model = build_model(config_name, device, rank)
     if name == "pytorch_optimizer.LoRARite":
         from pytorch_optimizer import LoRARite as Theirs
 
-        optimizer = Theirs([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    elif name == "adamw":
-        optimizer = lo.create("adamw", model, lr=1e-4)
-    else:
-        optimizer = lo.create(name, model, lr=1e-4)
+        return Theirs([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    if name.endswith("+graph"):
+        return lo.create(name.removesuffix("+graph"), model, lr=1e-4, cuda_graph=True)
+    return lo.create(name, model, lr=1e-4)
+
+
+def whole_step_ms(names: list[str], config_name: str, rank: int, device, steps: int, warmup: int, batch, seq):
+    """Median ms of forward + backward + step + zero_grad for every optimizer, on one model, measured in
+    two interleaved rounds (so that clock ramp-up and allocator state do not favour whoever runs last)."""
+    model = build_model(config_name, device, rank)
     gen = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, CONFIGS[config_name]["vocab"], (batch, seq), generator=gen).to(device)
     autocast = config_name == "smollm2"
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for _round in range(2):
+        for name in names:
+            optimizer = make_optimizer(name, model)
 
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            def step(optimizer=optimizer):
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                    loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
 
-    return timed(step, steps, warmup, device)
+            samples[name].append(timed(step, steps, warmup, device))
+            del optimizer
+            torch.cuda.empty_cache()
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def main() -> None:
@@ -184,6 +197,8 @@ def main() -> None:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     names = ["adamw", "lora_rite", "lora_rite_reference", "lora_plus", "scaled_adam", "shampoo", "lamb"]
+    if device.type == "cuda":
+        names[3:3] = ["lora_rite+graph", "lora_rite_reference+graph"]
     try:
         import pytorch_optimizer  # noqa: F401
 
@@ -199,13 +214,13 @@ def main() -> None:
     rows = []
     for name in names:
         step_ms, memory = optimizer_step_ms(name, cfg, args.rank, device, args.steps, args.warmup)
-        row = {"optimizer": name, "step_ms": step_ms, "state_bytes": memory}
-        if args.whole_step and device.type == "cuda":
-            batch, seq = (8, 512) if args.config == "gemma2b" else (16, 512)
-            row["whole_ms"] = whole_step_ms(name, args.config, args.rank, device, 10, 3, batch, seq)
-            torch.cuda.empty_cache()
-        rows.append(row)
-        print(f"  measured {name}: {row}", flush=True)
+        rows.append({"optimizer": name, "step_ms": step_ms, "state_bytes": memory})
+        print(f"  measured {name}: {rows[-1]}", flush=True)
+    if args.whole_step and device.type == "cuda":
+        batch, seq = (8, 512) if args.config == "gemma2b" else (16, 512)
+        whole = whole_step_ms(names, args.config, args.rank, device, 10, 3, batch, seq)
+        for row in rows:
+            row["whole_ms"] = whole[row["optimizer"]]
     base = rows[0]
     header = "| optimizer | step ms | × AdamW | whole step ms | overhead | state MB | state vs AdamW |"
     print("\n" + header + "\n|---|---|---|---|---|---|---|")

@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=40)
     demo.add_argument("--n-test", type=int, default=200)
     demo.add_argument("--adamw-lr", type=float, default=1e-3)
-    demo.add_argument("--lora-rite-lr", type=float, default=1e-2)
+    demo.add_argument("--lora-rite-lr", type=float, default=3e-2)
     demo.add_argument("--device", default="auto")
     demo.add_argument("--threads", type=int, default=None)
     demo.add_argument("--out", default=None)

@@ -318,14 +318,10 @@ def test_trainer_accepts_a_ready_optimizer(tmp_path):
     assert torch.isfinite(torch.tensor(result.training_loss))
 
 
-@pytest.mark.parametrize("qr_method", ["householder", "cholesky"])
 @pytest.mark.parametrize("variant", ["paper", "reference"])
-def test_fast_path_matches_per_pair_reference_in_fp32_over_100_steps(variant, qr_method, monkeypatch):
-    """The batched implementation (either QR: LAPACK's, or the CholeskyQR2 used on GPUs) against the
-    readable per-pair reference, both in float32."""
-    from lorite.optim import _linalg
-
-    monkeypatch.setattr(_linalg, "QR_METHOD", "auto" if qr_method == "householder" else "cholesky")
+def test_fast_path_matches_per_pair_reference_in_fp32_over_100_steps(variant):
+    """The batched implementation (Gram/Cholesky in float64, no explicit Q) against the readable per-pair
+    reference (Householder QR, pinv), both in float32."""
     base = tiny_peft(dtype=torch.float32, seed=3)
     ours_model, ref_model = copy.deepcopy(base), copy.deepcopy(base)
     hparams = dict(lr=3e-3 if variant == "paper" else 3e-4, variant=variant)
@@ -342,16 +338,6 @@ def test_fast_path_matches_per_pair_reference_in_fp32_over_100_steps(variant, qr
         worst = max(worst, max_relative_gap(deltas(ref_model), deltas(ours_model)))
     assert max_relative_gap(deltas(ours_model), deltas(base)) > 1e-2, "the run must move the weights"
     assert worst < 1e-5, f"fast path drifted {worst:.2e} from the per-pair reference"
-
-
-@pytest.mark.parametrize("setting", ["paper (escape on)", "reference, clip+skip active"])
-def test_invariance_with_the_gpu_qr(base64, data, setting, monkeypatch):
-    from lorite.optim import _linalg
-
-    monkeypatch.setattr(_linalg, "QR_METHOD", "cholesky")
-    hparams = INVARIANT_SETTINGS[setting]
-    gap, moved = invariance_gap(base64, lambda m: LoRARite.from_model(m, **hparams), general_T, data)
-    assert moved > 1e-2 and gap < 1e-10
 
 
 def test_rank_deficient_partner_is_treated_like_b_zero():

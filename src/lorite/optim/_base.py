@@ -302,12 +302,16 @@ class PairOptimizer(torch.optim.Optimizer):
         if self._nonfinite_count is None or self._nonfinite_count.device != skipped_pairs.device:
             self._nonfinite_count = torch.zeros((), dtype=torch.int64, device=skipped_pairs.device)
         self._nonfinite_count += skipped_pairs.to(torch.int64)
-        if self._nonfinite_warned:
+        if skipped_pairs.device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+            self._probe_nonfinite()
+
+    def _probe_nonfinite(self) -> None:
+        """Warn (once) if pairs were skipped: at once on CPU; on CUDA from a pinned copy of the counter made
+        on an earlier step, once the event after it has completed — the step never waits for the GPU."""
+        if self._nonfinite_warned or self._nonfinite_count is None:
             return
-        if skipped_pairs.device.type != "cuda":
+        if self._nonfinite_count.device.type != "cuda":
             self._warn_nonfinite_if(int(self._nonfinite_count))
-            return
-        if torch.cuda.is_current_stream_capturing():
             return
         if self._nonfinite_probe is not None and self._nonfinite_probe[1].query():
             self._warn_nonfinite_if(int(self._nonfinite_probe[0]))

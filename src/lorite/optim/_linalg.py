@@ -23,62 +23,21 @@ def symmetrize(X: torch.Tensor) -> torch.Tensor:
     return (X + X.mT) * 0.5
 
 
-def cholesky_qr(X: torch.Tensor, work_dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, ...]:
-    """Thin QR ``X = Q·R`` of a stack of tall matrices ``(N, rows, r)`` by CholeskyQR2, in ``work_dtype``.
+def cholesky_factor(gram: torch.Tensor, tolerance_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper-triangular ``R`` with ``RᵀR = gram`` for a stack of Gram matrices ``X̄ᵀX̄`` — the ``R`` of the
+    thin QR ``X̄ = QR`` — and ``full_rank`` (N,).
 
-    Each pass: Gram ``XᵀX``, Cholesky ``LLᵀ``, ``R = Lᵀ``, ``Q = X R⁻¹`` (a triangular solve); the second
-    pass re-orthogonalises the first's ``Q``. Only matrix products, ``cholesky_ex`` and triangular solves:
-    fast on GPUs (``torch.linalg.qr`` loops over the batch there) and free of host synchronisation. The
-    squared condition number of the Gram matrix is why the work happens in float64 by default: it stays
-    exact for ``cond(X)`` up to ~1e7, beyond what fp32 factors can hold anyway.
-
-    Returns ``(Q, R, full_rank)`` in ``X``'s dtype; ``full_rank`` (N,) is False where a Cholesky failed or
-    R's diagonal says the factor is numerically rank deficient (``min|R_ii| ≤ r·ε·max|R_ii|``, ε of
-    ``X``'s dtype). Where it is False, Q and R are set to 0 — callers treat such a factor like peft's
-    ``B = 0`` start.
+    ``cholesky_ex`` never synchronises with the host. ``full_rank`` is False where the factorisation
+    failed or ``R``'s diagonal says the factor is numerically rank deficient
+    (``min|R_ii| ≤ r·ε·max|R_ii|``, ε of ``tolerance_dtype``, the data's precision); there ``R`` is 0.
     """
-    rank = X.shape[-1]
-    Q = X.to(work_dtype)
-    R = None
-    full_rank = torch.ones(X.shape[0], dtype=torch.bool, device=X.device)
-    for _ in range(2):
-        L, info = torch.linalg.cholesky_ex(Q.mT @ Q)
-        full_rank &= info == 0
-        Q = torch.linalg.solve_triangular(L.mT, Q, upper=True, left=False)
-        R = L.mT if R is None else L.mT @ R
+    L, info = torch.linalg.cholesky_ex(gram)
+    R = L.mT
     diagonal = R.diagonal(dim1=-2, dim2=-1).abs()
-    tolerance = rank * torch.finfo(X.dtype).eps
-    full_rank &= torch.isfinite(diagonal).all(dim=-1) & (
-        diagonal.amin(dim=-1) > tolerance * diagonal.amax(dim=-1)
-    )
-    keep = full_rank[:, None, None]
-    return torch.where(keep, Q, 0.0).to(X.dtype), torch.where(keep, R, 0.0).to(X.dtype), full_rank
-
-
-#: "auto": Householder QR (LAPACK) on CPU, CholeskyQR2 on GPUs. Tests set "cholesky" to run the GPU
-#: algorithm on the CPU.
-QR_METHOD = "auto"
-
-
-def thin_qr(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(Q, R, full_rank)`` of a stack of tall matrices, with the conventions of :func:`cholesky_qr`.
-
-    On CPU, LAPACK's Householder QR is both the faster and the more accurate choice; on CUDA,
-    ``torch.linalg.qr`` loops over the batch (18 ms for 162 matrices of 2048 × 16 on an H100, against
-    0.25 ms for CholeskyQR), so CholeskyQR2 in float64 is used there.
-    """
-    if QR_METHOD == "cholesky" or (QR_METHOD == "auto" and X.device.type != "cpu"):
-        return cholesky_qr(X)
-    Q, R = torch.linalg.qr(X)
-    diagonal = R.diagonal(dim1=-2, dim2=-1).abs()
-    tolerance = X.shape[-1] * torch.finfo(X.dtype).eps
-    full_rank = torch.isfinite(diagonal).all(dim=-1) & (
-        diagonal.amin(dim=-1) > tolerance * diagonal.amax(dim=-1)
-    )
-    if not bool(full_rank.all()):  # on CPU reading a value costs nothing
-        keep = full_rank[:, None, None]
-        Q, R = torch.where(keep, Q, 0.0), torch.where(keep, R, 0.0)
-    return Q, R, full_rank
+    tolerance = gram.shape[-1] * torch.finfo(tolerance_dtype).eps
+    full_rank = (info == 0) & torch.isfinite(diagonal).all(dim=-1)
+    full_rank &= diagonal.amin(dim=-1) > tolerance * diagonal.amax(dim=-1)
+    return masked(full_rank, R, 0.0), full_rank
 
 
 def masked(keep: torch.Tensor, value: torch.Tensor, other: torch.Tensor | float) -> torch.Tensor:
@@ -98,11 +57,6 @@ def triangular_inverse(R: torch.Tensor, full_rank: torch.Tensor) -> torch.Tensor
     eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device).expand_as(R)
     safe = masked(full_rank, R, eye)  # never divide by a zero diagonal
     return masked(full_rank, torch.linalg.solve_triangular(safe, eye, upper=True), 0.0)
-
-
-def pinv(R: torch.Tensor) -> torch.Tensor:
-    """Batched Moore–Penrose pseudo-inverse of ``r × r`` matrices (``pinv(0) = 0``)."""
-    return torch.linalg.pinv(R)
 
 
 def eigh_small(V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -34,16 +35,25 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-_BIG_STATE = ("first_moment", "basis")  # (rows, r) per factor: one buffer per bucket
-_SMALL_STATE = ("step", "second_moment", "eigenvalues", "escaped_mass")  # per factor: one buffer per plan
+_BIG_STATE = ("first_moment", "basis")  # (r, rows) per factor: one buffer per bucket
+_SMALL_STATE = (
+    "step",
+    "second_moment",
+    "eigenvalues",
+    "escaped_mass",
+    "basis_inverse",
+)  # one buffer per plan
 _STATE_KEYS = _SMALL_STATE + _BIG_STATE
+_PLAN_SERIALS = itertools.count(1)
 
 
 @dataclass
 class _Bucket:
     """Factors of one kind (A or B) with equal shape and dtype: stacked together every step.
 
-    A-factors are stacked in their own ``(r, n)`` layout; the algorithm's tall view ``Aᵀ`` is ``.mT``.
+    Everything with a row per row of the factor's tall view is held *wide*, ``(r, rows)``: A as it is
+    (``r × n``), B transposed (``Bᵀ``, ``r × m``). The products are then ``(r × r)·(r × rows)``, which
+    cuBLAS runs at memory speed; ``(rows × r)·(r × r)`` with r = 16 falls on slow small-N kernels.
     """
 
     is_A: bool
@@ -51,7 +61,7 @@ class _Bucket:
     positions: slice  # where these factors sit in the plan's factor order
     rows: int  # rows of the tall view
     matrices: list[torch.Tensor] = field(default_factory=list)  # 2-D views of params: A (r, n), B (m, r)
-    buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # first_moment, basis: (N, rows, r)
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # first_moment, basis: (N, r, rows)
 
 
 @dataclass
@@ -67,6 +77,10 @@ class _Plan:
     dtype: torch.dtype
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # step, second_moment, escaped_mass
     views: list[torch.Tensor] = field(default_factory=list)  # state[p]["first_moment"] as this plan set it
+    serial: int = 0  # unique per plan built (a captured CUDA graph belongs to these exact plans)
+    eager_steps: int = 0  # steps run since the plan was built (CUDA-graph capture waits for a warm-up)
+    grad_buffers: list[torch.Tensor] | None = None  # CUDA-graph mode: gradients are copied in here
+    lr_tensor: torch.Tensor | None = None  # CUDA-graph mode: the group's lr, filled before each replay
 
 
 class LoRARite(PairOptimizer):
@@ -130,15 +144,17 @@ class LoRARite(PairOptimizer):
     cast to the parameter dtype. A pair whose gradient holds inf/nan keeps its parameters and state; such
     skips are counted in :attr:`nonfinite_skips` and warned about once. Pairs without gradients are skipped.
 
-    Implementation (issue: "LoRA-RITE at AdamW speed"; ``benchmarks/optimizer_step.py``): factors of equal
-    shape form buckets whose state lives in persistent stacked buffers (the per-parameter state entries
-    are views into them), so each phase is a few batched calls per bucket plus one batched call over all
-    ``r × r`` matrices. The thin QR is CholeskyQR2 in float64 (``torch.linalg.qr`` loops over the batch on
-    CUDA), ``R⁻¹`` a guarded triangular solve, and the ``r × r`` eigendecompositions a Triton Jacobi kernel
-    on CUDA (``torch.linalg.eigh`` synchronises with the host there). ``step()`` reads no tensor value on
-    the host, so it can be captured in a CUDA graph (give ``lr`` as a tensor so that schedulers reach the
-    captured graph). A factor whose Cholesky fails or whose ``R`` is numerically singular (``cond ≳ 1e7``)
-    is treated like ``B = 0``: ``R⁺ = 0``, so its partner does not move that step.
+    Implementation (``benchmarks/optimizer_step.py``): factors of equal shape form buckets whose state
+    lives in persistent stacked buffers (the per-parameter state entries are views into them), so each
+    phase is a few batched calls per bucket plus one batched call over all ``r × r`` matrices. No ``Q`` is
+    ever formed: ``R`` comes from a float64 Cholesky of ``X̄ᵀX̄`` and the basis change from the previous
+    factor, ``QᵀQ' = R⁻ᵀ(X̄ᵀX̄')R'⁻¹`` (``torch.linalg.qr`` loops over the batch on CUDA). Row-sized data is
+    held as ``r × rows`` so that every big product is ``(r × r)·(r × rows)``. The ``r × r``
+    eigendecompositions use a Triton Jacobi kernel on CUDA (``torch.linalg.eigh`` synchronises with the
+    host there). ``step()`` reads no tensor value on the host, so it can be captured in a CUDA graph
+    (give ``lr`` as a device tensor so that schedulers reach the captured graph). A factor whose Cholesky
+    fails or whose ``R`` is numerically singular (``cond ≳ 1e7``) is treated like ``B = 0``: ``R⁺ = 0``,
+    so its partner does not move that step.
     """
 
     transformation_invariant: ClassVar[bool] = True
@@ -164,6 +180,7 @@ class LoRARite(PairOptimizer):
         clip_unmagnified_grad: float | None = None,
         update_skipping: float | None = None,
         update_capping: float | None = None,
+        cuda_graph: bool = False,
         **fallback: Any,
     ) -> None:
         """Args:
@@ -175,6 +192,10 @@ class LoRARite(PairOptimizer):
         weight_decay: decoupled weight decay λ_wd.
         escape_mass, normalize_rows, eps, eps_root, clip_unmagnified_grad, update_skipping,
             update_capping: see the class docstring; ``None`` takes the variant's default.
+        cuda_graph: on CUDA, capture the step in a CUDA graph after two warm-up steps and replay it
+            (recaptured when the pairs with gradients or a hyperparameter other than lr change). The
+            step's few hundred small kernel launches become one replay; the gradients are copied into
+            static buffers first, so ``zero_grad(set_to_none=True)`` stays safe.
         **fallback: ``fallback_lr``, ``fallback_betas``, ``fallback_eps``, ``fallback_weight_decay`` for
             the AdamW group of unpaired parameters.
         """
@@ -194,6 +215,8 @@ class LoRARite(PairOptimizer):
         }
         hparams.update(variant=variant, betas=tuple(betas), weight_decay=weight_decay)
         self._plans: dict[tuple, _Plan] = {}
+        self.cuda_graph = cuda_graph
+        self._graph: tuple | None = None
         super().__init__(params, lr, hparams, **fallback)
 
     def _validate_pair_group(self, group: dict[str, Any], where: str) -> None:
@@ -222,6 +245,7 @@ class LoRARite(PairOptimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._plans = {}  # loaded state tensors are not views of any buffer: restack them on the next step
+        self._graph = None
 
     def _plans_for(self, group: dict[str, Any]) -> list[_Plan]:
         """The plans for this step's pairs (those with gradients), built once and reused while valid."""
@@ -271,6 +295,7 @@ class LoRARite(PairOptimizer):
             partner=torch.tensor(partner, dtype=torch.long, device=device),
             rows=torch.tensor([b.rows for b in buckets for _ in b.params], dtype=dtype, device=device),
             dtype=dtype,
+            serial=next(_PLAN_SERIALS),
         )  # fmt: skip
         zeros = dict(dtype=dtype, device=device)
         fresh = {
@@ -278,8 +303,9 @@ class LoRARite(PairOptimizer):
             "second_moment": lambda rows: torch.zeros(rank, rank, **zeros),  # V, r × r
             "eigenvalues": lambda rows: torch.zeros(rank, **zeros),  # of V, for the next escaped mass
             "escaped_mass": lambda rows: torch.zeros((), **zeros),  # ρ
-            "first_moment": lambda rows: torch.zeros(rows, rank, **zeros),  # M, in the partner's basis
-            "basis": lambda rows: torch.zeros(rows, rank, **zeros),  # this factor's Q at its last update
+            "basis_inverse": lambda rows: torch.zeros(rank, rank, **zeros),  # R⁻¹ of the previous factor
+            "first_moment": lambda rows: torch.zeros(rank, rows, **zeros),  # Mᵀ, in the partner's basis
+            "basis": lambda rows: torch.zeros(rank, rows, **zeros),  # the factor (wide) at its last update
         }
 
         def stacked(key, members, rows):
@@ -301,40 +327,102 @@ class LoRARite(PairOptimizer):
 
     # ------------------------------------------------------------------ step, in phases
     def _step_pairs(self, groups: list[dict[str, Any]]) -> None:
-        if not hasattr(self, "_plans"):
-            self._plans = {}
         plans = [plan for group in groups for plan in self._plans_for(group)]
         if not plans:
             return
+        if self.cuda_graph and all(plan.partner.is_cuda for plan in plans):
+            self._step_with_graph(plans)
+        else:
+            self._compute(plans)
+            for plan in plans:
+                plan.eager_steps += 1
+
+    def _compute(self, plans: list[_Plan]) -> None:
         work = [self._unmagnify(plan) for plan in plans]
         coefficients = self._clip(plans, work)
         for plan, items, coefficient in zip(plans, work, coefficients):
             self._update(plan, items, coefficient)
 
-    def _unmagnify(self, plan: _Plan) -> dict[str, Any]:
-        """Phases 1–2: QR of every factor, and the unmagnified gradients' Gram matrices.
+    # ------------------------------------------------------------------ CUDA graph mode
+    def _graph_key(self, plans: list[_Plan]) -> tuple:
+        """What a captured step depends on besides tensor contents: the plans and every hyperparameter
+        except lr (which reaches the graph through a device tensor)."""
+        hyper = tuple(
+            tuple(
+                sorted((k, repr(v)) for k, v in plan.group.items() if k not in ("params", "lr", "pair_names"))
+            )
+            for plan in plans
+        )
+        return tuple(plan.serial for plan in plans), hyper
 
-        ``ḡ = ∇X̄ R⁺_partner`` is never formed: its Gram matrix is ``R⁺ᵀ (∇X̄ᵀ∇X̄) R⁺`` (one big reduction,
-        then ``r × r`` work), its squared norm that Gram matrix's trace, and ``S = ḡK = ∇X̄ (R⁺K)`` later.
-        Non-finite pairs (either factor's gradient) and skipped factors get ``ḡ = 0``.
+    def _step_with_graph(self, plans: list[_Plan]) -> None:
+        """Replay a captured step: copy the gradients into static buffers, set lr, replay — three kernel
+        launches per bucket instead of a few hundred. The first steps after any change of plans or
+        hyperparameters run eagerly (warm-up), then the step is captured."""
+        key = self._graph_key(plans)
+        if self._graph is not None and self._graph[0] != key:
+            self._graph = None
+        if self._graph is None:
+            if min(plan.eager_steps for plan in plans) < 2:
+                self._compute(plans)
+                for plan in plans:
+                    plan.eager_steps += 1
+                return
+            self._capture(plans, key)
+        for plan in plans:
+            for bucket, buffer in zip(plan.buckets, plan.grad_buffers):
+                grads = self._matrix_grads(bucket)
+                buffer.copy_(torch.stack(grads if bucket.is_A else [g.T for g in grads]))
+            lr = plan.group["lr"]
+            plan.lr_tensor.copy_(lr) if isinstance(lr, torch.Tensor) else plan.lr_tensor.fill_(lr)
+        self._graph[1].replay()
+        self._probe_nonfinite()
+
+    def _capture(self, plans: list[_Plan], key: tuple) -> None:
+        for plan in plans:
+            plan.grad_buffers = [
+                torch.zeros(len(b.params), *self.state[b.params[0]]["first_moment"].shape, dtype=plan.dtype,
+                            device=plan.partner.device)
+                for b in plan.buckets
+            ]  # fmt: skip
+            plan.lr_tensor = torch.zeros((), dtype=plan.dtype, device=plan.partner.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._compute(plans)
+        self._graph = (key, graph)
+
+    def _unmagnify(self, plan: _Plan) -> dict[str, Any]:
+        """Phases 1–2: each factor's ``R`` (``X̄ = QR``), the basis change, and the Gram matrix of ``ḡ``.
+
+        No ``Q`` is formed. ``R`` is the Cholesky factor of the Gram matrix ``X̄ᵀX̄``, computed in float64
+        (exact for the fp32 data, well conditioned up to cond(X̄) ~ 1e7). With ``Q = X̄R⁻¹`` and the
+        previous factor ``X̄'`` kept with its ``R'⁻¹``: ``QᵀQ' = R⁻ᵀ (X̄ᵀX̄') R'⁻¹``; ``ḡ = ∇X̄ R⁺_partner``
+        has Gram matrix ``R⁺ᵀ (∇X̄ᵀ∇X̄) R⁺``, its squared norm is that matrix's trace, and ``S = ḡK`` is
+        formed later as ``∇X̄ (R⁺K)``. Non-finite pairs (either factor's gradient) and skipped factors get
+        ``ḡ = 0``. A factor whose Cholesky fails or whose ``R`` is numerically singular gets ``R⁺ = 0``
+        (the ``pinv(0) = 0`` of peft's ``B = 0`` start).
         """
-        tall, grads, Q, R, full, grams = [], [], [], [], [], []
+        wide, grads, grams, crosses, gradient_grams = [], [], [], [], []
         for bucket in plan.buckets:
-            X = torch.stack(bucket.matrices).to(plan.dtype)  # A: (N, r, n), B: (N, m, r)
-            G = torch.stack([p.grad.reshape(m.shape) for p, m in zip(bucket.params, bucket.matrices)])
-            G = G.to(plan.dtype)
-            if bucket.is_A:
-                X, G = X.mT, G.mT  # tall views (N, n, r)
-            q, r_, ok = _linalg.thin_qr(X)
-            tall.append(X)
+            X = torch.stack([m if bucket.is_A else m.T for m in bucket.matrices]).to(plan.dtype)
+            if plan.grad_buffers is not None and torch.cuda.is_current_stream_capturing():
+                G = plan.grad_buffers[len(grads)]  # CUDA-graph mode: filled before each replay
+            else:
+                G = torch.stack([g if bucket.is_A else g.T for g in self._matrix_grads(bucket)]).to(
+                    plan.dtype
+                )
+            X64 = X.double()
+            grams.append(X64 @ X64.mT)  # X̄ᵀX̄, r × r
+            crosses.append(X64 @ bucket.buffers["basis"].double().mT)  # X̄ᵀX̄'
+            wide.append(X)
             grads.append(G)
-            Q.append(q)
-            R.append(r_)
-            full.append(ok)
-            grams.append(G.mT @ G)  # ∇X̄ᵀ∇X̄, r × r
-        R_inv = _linalg.triangular_inverse(torch.cat(R), torch.cat(full))
+            gradient_grams.append(G @ G.mT)  # ∇X̄ᵀ∇X̄
+        R, full = _linalg.cholesky_factor(torch.cat(grams), tolerance_dtype=plan.dtype)
+        R_inv64 = _linalg.triangular_inverse(R, full)
+        basis_change = R_inv64.mT @ torch.cat(crosses) @ plan.buffers["basis_inverse"].double()  # QᵀQ'
+        R_inv = R_inv64.to(plan.dtype)
         R_inv_partner = R_inv.index_select(0, plan.partner)
-        gram = R_inv_partner.mT @ torch.cat(grams) @ R_inv_partner  # ḡᵀḡ
+        gram = R_inv_partner.mT @ torch.cat(gradient_grams) @ R_inv_partner  # ḡᵀḡ
         squares = gram.diagonal(dim1=-2, dim2=-1).sum(dim=-1)  # ‖ḡ‖²
         finite = torch.isfinite(squares)
         ok = finite & finite.index_select(0, plan.partner)  # the whole pair is skipped if either is bad
@@ -346,10 +434,15 @@ class LoRARite(PairOptimizer):
         for i, bucket in enumerate(plan.buckets):  # inf/nan gradients must not reach S or M
             grads[i] = _linalg.masked(ok[bucket.positions], grads[i], 0.0)
         return {
-            "tall": tall, "grads": grads, "Q": Q, "R_inv_partner": R_inv_partner, "ok": ok, "keep": keep,
+            "wide": wide, "grads": grads, "R_inv": R_inv, "R_inv_partner": R_inv_partner,
+            "basis_change": basis_change.to(plan.dtype), "ok": ok, "keep": keep,
             "gram": _linalg.masked(keep, gram, 0.0), "squares": torch.where(keep, squares, 0.0),
             "skipped": (ok & ~keep).sum(),
         }  # fmt: skip
+
+    @staticmethod
+    def _matrix_grads(bucket: _Bucket) -> list[torch.Tensor]:
+        return [p.grad.reshape(m.shape) for p, m in zip(bucket.params, bucket.matrices)]
 
     def _clip(self, plans: list[_Plan], work: list[dict[str, Any]]) -> list[torch.Tensor | None]:
         """Phase 3: the global norm of all unmagnified gradients; per group, the factor that clips it."""
@@ -374,7 +467,11 @@ class LoRARite(PairOptimizer):
         return coefficients
 
     def _update(self, plan: _Plan, items: dict[str, Any], coefficient: torch.Tensor | None) -> None:
-        """Phases 4–5: basis change, escaped mass, second moment, (V + ρI)^{-1/2}, first moment, update."""
+        """Phases 4–5: basis change, escaped mass, second moment, (V + ρI)^{-1/2}, first moment, update.
+
+        In the wide layout (``Mᵂ = Mᵀ``, ``Xᵂ = X̄ᵀ``): ``Mᵂ ← β̂1 P Mᵂ + (1 − β̂1)(R⁺K)ᵀ∇Xᵂ`` and
+        ``Xᵂ ← Xᵂ − η R⁺_partner Mᵂ``.
+        """
         group, dtype, buffers = plan.group, plan.dtype, plan.buffers
         ok, keep = items["ok"], items["keep"]
         beta1, beta2 = group["betas"]
@@ -385,8 +482,7 @@ class LoRARite(PairOptimizer):
         rank = buffers["second_moment"].shape[-1]
         eye = torch.eye(rank, dtype=dtype, device=ok.device)
 
-        own_change = [Q.mT @ b.buffers["basis"] for b, Q in zip(plan.buckets, items["Q"])]  # Q_Xᵀ Q_X^prev
-        P = torch.cat(own_change).index_select(0, plan.partner)  # A's state lives in B's basis, and back
+        P = items["basis_change"].index_select(0, plan.partner)  # A's state lives in B's basis, and back
         P = _linalg.masked(ok, P, eye)
         scale = 1 - b2  # (1 − β̂2) · clip² / rows, one per-factor scalar
         if coefficient is not None:
@@ -405,12 +501,12 @@ class LoRARite(PairOptimizer):
         K = _linalg.inverse_sqrt_from_eigh(
             eigenvalues, eigenvectors, rho, float(group["eps_root"]), float(group["eps"])
         )
-        # S·(1 − β̂1) = ∇X̄ R⁺ K (1 − β̂1) — with the clip factor, and 0 for skipped factors
+        # (1 − β̂1)·S = ∇X̄ R⁺ K (1 − β̂1) — with the clip factor, and 0 for skipped factors
         factor = (1 - b1) * keep.to(dtype)
         if coefficient is not None:
             factor = factor * coefficient
-        gradient_map = items["R_inv_partner"] @ (K * factor[:, None, None])
-        P_scaled = b1[:, None, None] * P.mT  # M ← β̂1 M Pᵀ + (1 − β̂1) S
+        gradient_map = (items["R_inv_partner"] @ (K * factor[:, None, None])).mT
+        rotation = b1[:, None, None] * P
 
         lr = group["lr"]
         if isinstance(
@@ -418,40 +514,40 @@ class LoRARite(PairOptimizer):
         ):  # a CPU lr is read on the host (no device sync); a device lr stays there
             lr = float(lr) if lr.device.type == "cpu" else lr.to(dtype)
         step_size = ok.to(dtype) * lr
-        remagnify = step_size[:, None, None] * items["R_inv_partner"].mT  # η R⁺_partnerᵀ
+        remagnify = step_size[:, None, None] * items["R_inv_partner"]  # η R⁺_partner
         cap = float(group["update_capping"])
         weight_decay = float(group["weight_decay"])
-        for bucket, X, G, Q in zip(plan.buckets, items["tall"], items["grads"], items["Q"]):
+        for bucket, X, G in zip(plan.buckets, items["wide"], items["grads"]):
             at = bucket.positions
-            M = torch.baddbmm(G @ gradient_map[at], bucket.buffers["first_moment"], P_scaled[at])
+            M = torch.baddbmm(gradient_map[at] @ G, rotation[at], bucket.buffers["first_moment"])
             if cap > 0:
                 M = M / (_rms(M) / cap).clamp(min=1.0)[:, None, None]
-            current = X.mT if bucket.is_A else X  # A is updated in its own (r, n) layout
-            if weight_decay:
-                current = current * (1 - weight_decay * step_size[at])[:, None, None]
-            if bucket.is_A:  # A ← A − η R⁺ Mᵀ
-                new = torch.baddbmm(current, remagnify[at].mT, M.mT, alpha=-1)
-            else:  # B ← B − η M R⁺ᵀ
-                new = torch.baddbmm(current, M, remagnify[at], alpha=-1)
-            torch._foreach_copy_(bucket.matrices, list(new.unbind(0)))
-            self._store(bucket, M, Q, ok[at])
+            current = X * (1 - weight_decay * step_size[at])[:, None, None] if weight_decay else X
+            new = torch.baddbmm(current, remagnify[at], M, alpha=-1)
+            if bucket.is_A:
+                torch._foreach_copy_(bucket.matrices, list(new.unbind(0)))
+            else:
+                torch._foreach_copy_(bucket.matrices, list(new.mT.contiguous().unbind(0)))
+            self._store(bucket, M, X, ok[at])
         plan.views = [self.state[p]["first_moment"] for p in plan.params]
+        buffers["basis_inverse"].copy_(_linalg.masked(ok, items["R_inv"], buffers["basis_inverse"]))
         buffers["second_moment"].copy_(V)
         buffers["eigenvalues"].copy_(_linalg.masked(ok, eigenvalues, buffers["eigenvalues"]))
         buffers["escaped_mass"].copy_(rho)
         buffers["step"].add_(ok.to(torch.float32))
 
-    def _store(self, bucket: _Bucket, M: torch.Tensor, Q: torch.Tensor, ok: torch.Tensor) -> None:
-        """Keep the new first moment and basis. On CUDA they are copied into the persistent buffers, so that
-        a captured CUDA graph finds them at fixed addresses; on CPU, where a copy of every factor costs more
-        than the step's arithmetic, the new tensors become the buffers and the state views follow."""
+    def _store(self, bucket: _Bucket, M: torch.Tensor, X: torch.Tensor, ok: torch.Tensor) -> None:
+        """Keep the new first moment, and the factor as it was this step (the next step's basis). On CUDA
+        they are copied into the persistent buffers, so that a captured CUDA graph finds them at fixed
+        addresses; on CPU, where copying every factor costs more than the step's arithmetic, the new
+        tensors become the buffers and the state views follow."""
         buffers = bucket.buffers
         if M.is_cuda:
             buffers["first_moment"].copy_(M)
-            torch.where(ok[:, None, None], Q, buffers["basis"], out=buffers["basis"])
+            torch.where(ok[:, None, None], X, buffers["basis"], out=buffers["basis"])
             return
         buffers["first_moment"] = M
-        buffers["basis"] = _linalg.masked(ok, Q, buffers["basis"])
+        buffers["basis"] = _linalg.masked(ok, X, buffers["basis"])
         for p, moment, basis in zip(bucket.params, M.unbind(0), buffers["basis"].unbind(0)):
             state = self.state[p]
             state["first_moment"], state["basis"] = moment, basis

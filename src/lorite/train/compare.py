@@ -43,7 +43,7 @@ AUTO_GRIDS = {
     "scaled_adam": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
     "shampoo": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
     "lamb": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
-    "lora_rite": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
+    "lora_rite": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1],
     "lora_rite_reference": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
 }
 
