@@ -151,8 +151,6 @@ def make_optimizer(name: str, model):
         from pytorch_optimizer import LoRARite as Theirs
 
         return Theirs([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    if name.endswith("+graph"):
-        return lo.create(name.removesuffix("+graph"), model, lr=1e-4, cuda_graph=True)
     return lo.create(name, model, lr=1e-4)
 
 
@@ -197,8 +195,6 @@ def main() -> None:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     names = ["adamw", "lora_rite", "lora_rite_reference", "lora_plus", "scaled_adam", "shampoo", "lamb"]
-    if device.type == "cuda":
-        names[3:3] = ["lora_rite+graph", "lora_rite_reference+graph"]
     try:
         import pytorch_optimizer  # noqa: F401
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -44,7 +43,6 @@ _SMALL_STATE = (
     "basis_inverse",
 )  # one buffer per plan
 _STATE_KEYS = _SMALL_STATE + _BIG_STATE
-_PLAN_SERIALS = itertools.count(1)
 
 
 @dataclass
@@ -77,10 +75,6 @@ class _Plan:
     dtype: torch.dtype
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # step, second_moment, escaped_mass
     views: list[torch.Tensor] = field(default_factory=list)  # state[p]["first_moment"] as this plan set it
-    serial: int = 0  # unique per plan built (a captured CUDA graph belongs to these exact plans)
-    eager_steps: int = 0  # steps run since the plan was built (CUDA-graph capture waits for a warm-up)
-    grad_buffers: list[torch.Tensor] | None = None  # CUDA-graph mode: gradients are copied in here
-    lr_tensor: torch.Tensor | None = None  # CUDA-graph mode: the group's lr, filled before each replay
 
 
 class LoRARite(PairOptimizer):
@@ -151,8 +145,11 @@ class LoRARite(PairOptimizer):
     factor, ``QᵀQ' = R⁻ᵀ(X̄ᵀX̄')R'⁻¹`` (``torch.linalg.qr`` loops over the batch on CUDA). Row-sized data is
     held as ``r × rows`` so that every big product is ``(r × r)·(r × rows)``. The ``r × r``
     eigendecompositions use a Triton Jacobi kernel on CUDA (``torch.linalg.eigh`` synchronises with the
-    host there). ``step()`` reads no tensor value on the host, so it can be captured in a CUDA graph
-    (give ``lr`` as a device tensor so that schedulers reach the captured graph). A factor whose Cholesky
+    host there). ``step()`` reads no tensor value on the host (``tests/gpu`` checks it with
+    ``torch.cuda.set_sync_debug_mode("error")``), so it overlaps the backward pass instead of waiting for
+    it. CUDA-graph capture of the step is *not* supported yet: a captured step replays exactly while its
+    learning rate stays constant, but diverges from the eager step once an lr schedule changes the lr
+    (seen on torch 2.11 + CUDA 13, cause not isolated). A factor whose Cholesky
     fails or whose ``R`` is numerically singular (``cond ≳ 1e7``) is treated like ``B = 0``: ``R⁺ = 0``,
     so its partner does not move that step.
     """
@@ -180,7 +177,6 @@ class LoRARite(PairOptimizer):
         clip_unmagnified_grad: float | None = None,
         update_skipping: float | None = None,
         update_capping: float | None = None,
-        cuda_graph: bool = False,
         **fallback: Any,
     ) -> None:
         """Args:
@@ -192,10 +188,6 @@ class LoRARite(PairOptimizer):
         weight_decay: decoupled weight decay λ_wd.
         escape_mass, normalize_rows, eps, eps_root, clip_unmagnified_grad, update_skipping,
             update_capping: see the class docstring; ``None`` takes the variant's default.
-        cuda_graph: on CUDA, capture the step in a CUDA graph after two warm-up steps and replay it
-            (recaptured when the pairs with gradients or a hyperparameter other than lr change). The
-            step's few hundred small kernel launches become one replay; the gradients are copied into
-            static buffers first, so ``zero_grad(set_to_none=True)`` stays safe.
         **fallback: ``fallback_lr``, ``fallback_betas``, ``fallback_eps``, ``fallback_weight_decay`` for
             the AdamW group of unpaired parameters.
         """
@@ -215,8 +207,6 @@ class LoRARite(PairOptimizer):
         }
         hparams.update(variant=variant, betas=tuple(betas), weight_decay=weight_decay)
         self._plans: dict[tuple, _Plan] = {}
-        self.cuda_graph = cuda_graph
-        self._graph: tuple | None = None
         super().__init__(params, lr, hparams, **fallback)
 
     def _validate_pair_group(self, group: dict[str, Any], where: str) -> None:
@@ -245,7 +235,6 @@ class LoRARite(PairOptimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._plans = {}  # loaded state tensors are not views of any buffer: restack them on the next step
-        self._graph = None
 
     def _plans_for(self, group: dict[str, Any]) -> list[_Plan]:
         """The plans for this step's pairs (those with gradients), built once and reused while valid."""
@@ -295,7 +284,6 @@ class LoRARite(PairOptimizer):
             partner=torch.tensor(partner, dtype=torch.long, device=device),
             rows=torch.tensor([b.rows for b in buckets for _ in b.params], dtype=dtype, device=device),
             dtype=dtype,
-            serial=next(_PLAN_SERIALS),
         )  # fmt: skip
         zeros = dict(dtype=dtype, device=device)
         fresh = {
@@ -330,66 +318,13 @@ class LoRARite(PairOptimizer):
         plans = [plan for group in groups for plan in self._plans_for(group)]
         if not plans:
             return
-        if self.cuda_graph and all(plan.partner.is_cuda for plan in plans):
-            self._step_with_graph(plans)
-        else:
-            self._compute(plans)
-            for plan in plans:
-                plan.eager_steps += 1
+        self._compute(plans)
 
     def _compute(self, plans: list[_Plan]) -> None:
         work = [self._unmagnify(plan) for plan in plans]
         coefficients = self._clip(plans, work)
         for plan, items, coefficient in zip(plans, work, coefficients):
             self._update(plan, items, coefficient)
-
-    # ------------------------------------------------------------------ CUDA graph mode
-    def _graph_key(self, plans: list[_Plan]) -> tuple:
-        """What a captured step depends on besides tensor contents: the plans and every hyperparameter
-        except lr (which reaches the graph through a device tensor)."""
-        hyper = tuple(
-            tuple(
-                sorted((k, repr(v)) for k, v in plan.group.items() if k not in ("params", "lr", "pair_names"))
-            )
-            for plan in plans
-        )
-        return tuple(plan.serial for plan in plans), hyper
-
-    def _step_with_graph(self, plans: list[_Plan]) -> None:
-        """Replay a captured step: copy the gradients into static buffers, set lr, replay — three kernel
-        launches per bucket instead of a few hundred. The first steps after any change of plans or
-        hyperparameters run eagerly (warm-up), then the step is captured."""
-        key = self._graph_key(plans)
-        if self._graph is not None and self._graph[0] != key:
-            self._graph = None
-        if self._graph is None:
-            if min(plan.eager_steps for plan in plans) < 2:
-                self._compute(plans)
-                for plan in plans:
-                    plan.eager_steps += 1
-                return
-            self._capture(plans, key)
-        for plan in plans:
-            for bucket, buffer in zip(plan.buckets, plan.grad_buffers):
-                grads = self._matrix_grads(bucket)
-                buffer.copy_(torch.stack(grads if bucket.is_A else [g.T for g in grads]))
-            lr = plan.group["lr"]
-            plan.lr_tensor.copy_(lr) if isinstance(lr, torch.Tensor) else plan.lr_tensor.fill_(lr)
-        self._graph[1].replay()
-        self._probe_nonfinite()
-
-    def _capture(self, plans: list[_Plan], key: tuple) -> None:
-        for plan in plans:
-            plan.grad_buffers = [
-                torch.zeros(len(b.params), *self.state[b.params[0]]["first_moment"].shape, dtype=plan.dtype,
-                            device=plan.partner.device)
-                for b in plan.buckets
-            ]  # fmt: skip
-            plan.lr_tensor = torch.zeros((), dtype=plan.dtype, device=plan.partner.device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._compute(plans)
-        self._graph = (key, graph)
 
     def _unmagnify(self, plan: _Plan) -> dict[str, Any]:
         """Phases 1–2: each factor's ``R`` (``X̄ = QR``), the basis change, and the Gram matrix of ``ḡ``.
@@ -405,12 +340,7 @@ class LoRARite(PairOptimizer):
         wide, grads, grams, crosses, gradient_grams = [], [], [], [], []
         for bucket in plan.buckets:
             X = torch.stack([m if bucket.is_A else m.T for m in bucket.matrices]).to(plan.dtype)
-            if plan.grad_buffers is not None and torch.cuda.is_current_stream_capturing():
-                G = plan.grad_buffers[len(grads)]  # CUDA-graph mode: filled before each replay
-            else:
-                G = torch.stack([g if bucket.is_A else g.T for g in self._matrix_grads(bucket)]).to(
-                    plan.dtype
-                )
+            G = torch.stack([g if bucket.is_A else g.T for g in self._matrix_grads(bucket)]).to(plan.dtype)
             X64 = X.double()
             grams.append(X64 @ X64.mT)  # X̄ᵀX̄, r × r
             crosses.append(X64 @ bucket.buffers["basis"].double().mT)  # X̄ᵀX̄'

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -199,8 +199,15 @@ def compare(
 
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = [pool.submit(_execute, base_fields, run, str(out), False) for run in runs]
-            for future in as_completed(futures):
-                run, result = future.result()
+            for run, future in zip(runs, futures):
+                try:
+                    result = future.result()[1]
+                except Exception as error:  # one failed run (e.g. out of memory) must not sink the rest
+                    result = {
+                        "failed": f"{type(error).__name__}: {error}"[:500],
+                        "validation": {"score": None},
+                    }
+                    print(f"FAILED {run.folder}: {result['failed']}", flush=True)
                 results[run] = result
                 if progress:
                     score = result.get("validation", {}).get("score")
@@ -234,7 +241,8 @@ def _best_lr(scored: list[tuple[dict, float]]) -> float:
 
     def score(result: dict) -> float:
         value = result.get("validation", {}).get("score")
-        return -math.inf if value is None or result.get("diverged") or math.isnan(value) else value
+        bad = value is None or result.get("diverged") or result.get("failed") or math.isnan(value)
+        return -math.inf if bad else value
 
     return max(scored, key=lambda pair: (score(pair[0]), -pair[1]))[1]
 
