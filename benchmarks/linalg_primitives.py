@@ -1,29 +1,13 @@
 """Timing and host-sync behaviour of the batched linear-algebra primitives a LoRA-pair optimizer can use,
 on the Gemma-2B LoRA shapes (r=16). Informs lorite.optim._linalg's choices on GPU.
 
-    python benchmarks/linalg_primitives.py
+    cd benchmarks && python linalg_primitives.py
 """
 
 from __future__ import annotations
 
-import statistics
-
 import torch
-
-
-def timed(fn, steps=20, warmup=5):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end))
-    return statistics.median(samples)
+from optimizer_step import timed
 
 
 def syncs(fn) -> str:
@@ -69,7 +53,7 @@ def main() -> None:
     }
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}")
     for name, fn in cases.items():
-        print(f"{name:<48} {timed(fn):8.3f} ms   {syncs(fn)}")
+        print(f"{name:<48} {timed(fn, 20, 5, torch.device('cuda')):8.3f} ms   {syncs(fn)}")
     try:
         import triton
 
