@@ -316,6 +316,8 @@ class LoRARite(PairOptimizer):
     # ------------------------------------------------------------------ step, in phases
     def _step_pairs(self, groups: list[dict[str, Any]]) -> None:
         plans = [plan for group in groups for plan in self._plans_for(group)]
+        # keep only this step's plans: a plan holds buffers, and other subsets of pairs may come and go
+        self._plans = {plan.key: plan for plan in plans}
         if not plans:
             return
         self._compute(plans)
