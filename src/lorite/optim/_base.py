@@ -14,6 +14,7 @@ accelerate's parameter swapping all see it):
 
 from __future__ import annotations
 
+import abc
 import math
 import sys
 import warnings
@@ -83,7 +84,7 @@ def _check_hyperparameters(group: dict[str, Any], where: str) -> None:
             raise ValueError(f"{where}: {key} must be >= 0, got {group[key]}")
 
 
-class PairOptimizer(torch.optim.Optimizer):
+class PairOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
     """Base class of lorite's LoRA pair optimizers (see the module docstring for the group layout).
 
     Subclasses set :attr:`pair_defaults` (the hyperparameters of pair groups besides ``lr``) and implement
@@ -232,8 +233,9 @@ class PairOptimizer(torch.optim.Optimizer):
                 self._step_adamw(group)
         return loss
 
+    @abc.abstractmethod
     def _step_pairs(self, groups: list[dict[str, Any]]) -> None:
-        raise NotImplementedError(f"{type(self).__name__} must implement _step_pairs")
+        """Update every pair of ``groups`` (the ``lora_pairs`` groups); each optimizer implements this."""
 
     @staticmethod
     def pairs_with_grads(group: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
