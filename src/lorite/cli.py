@@ -21,6 +21,9 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default=None, help="SmolLM2-135M-Instruct (default), a .gguf file or a model dir"
     )
+    parser.add_argument(
+        "--method", default="lora", help="what trains: lora (default); see lorite.train.methods.METHODS"
+    )
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument(
         "--alpha", type=float, default=None, help="LoRA alpha (default: = rank, i.e. scaling 1)"
@@ -61,7 +64,7 @@ def _base_config(args: argparse.Namespace, task: str, optimizer: str, lr: float,
     targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
     return FinetuneConfig(
         task=task, model=args.model, optimizer=optimizer, lr=lr, optimizer_kwargs=extra,
-        rank=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=targets,
+        method=args.method, rank=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=targets,
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         warmup_steps=args.warmup_steps, schedule=args.schedule, max_grad_norm=args.max_grad_norm,
         seed=seed, n_validation=args.n_validation, n_test=args.n_test, max_length=args.max_length,

@@ -21,6 +21,7 @@ from ..cache import atomic_write_text
 from ..errors import LoriteError
 from .checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
 from .examples import collate, encode_examples, lm_loss
+from .methods import get_method
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -69,8 +70,9 @@ class FinetuneConfig:
             raise LoriteError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not (self.init_scale > 0 and math.isfinite(self.init_scale)):
             raise LoriteError(f"init_scale must be a positive number, got {self.init_scale}")
-        if self.method != "lora":
-            raise LoriteError(f"--method {self.method!r} is not supported (lora)")
+        from .methods import get_method
+
+        get_method(self.method)
 
 
 # ------------------------------------------------------------------------------------------- pieces
@@ -94,40 +96,6 @@ def lr_lambda(steps: int, warmup: int, schedule: str):
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
-
-
-def add_lora(model, config: FinetuneConfig):
-    from peft import LoraConfig, get_peft_model
-
-    targets = config.target_modules
-    lora = LoraConfig(
-        r=config.rank,
-        lora_alpha=config.alpha if config.alpha is not None else config.rank,
-        lora_dropout=config.dropout,
-        target_modules=targets,
-        task_type="CAUSAL_LM",
-    )
-    for name, module in model.named_modules():
-        targeted = targets == "all-linear" or any(name.endswith(t) for t in targets)
-        too_small = isinstance(module, torch.nn.Linear) and config.rank > min(
-            module.in_features, module.out_features
-        )
-        if targeted and too_small and not name.endswith("lm_head"):
-            raise LoriteError(
-                f"--rank {config.rank} is larger than layer {name} ({module.out_features} × {module.in_features})"
-            )
-    try:
-        model = get_peft_model(model, lora)
-    except ValueError as error:
-        raise LoriteError(f"LoRA target modules {targets!r}: {error}") from error
-    if config.init_scale != 1.0:
-        from ..optim import find_lora_pairs
-
-        with torch.no_grad():
-            for pair in find_lora_pairs(model).pairs:
-                pair.A.mul_(config.init_scale)
-                pair.B.div_(config.init_scale)
-    return model
 
 
 @dataclass
@@ -231,7 +199,8 @@ def finetune(
     torch.manual_seed(config.seed)
 
     model, tokenizer = load_causal_lm(config.model)
-    model = add_lora(model, config).to(device)
+    method = get_method(config.method)
+    model = method.prepare(model, config).to(device)
     data = load_task_data(config, tokenizer)
     optimizer = create(config.optimizer, model, lr=config.lr, **config.optimizer_kwargs)
     warmup = config.warmup_steps if config.warmup_steps is not None else max(1, config.steps // 10)
@@ -303,13 +272,6 @@ def finetune(
         if not config.skip_test:
             results["test"] = evaluate(model, tokenizer, data, "test", config, progress)
     if out is not None:
-        _save_adapter(model, out)
+        method.save(model, out)
         atomic_write_text(out / "metrics.json", json.dumps(results, indent=1, default=str))
     return results
-
-
-def _save_adapter(model, out: Path) -> None:
-    from ..cache import atomic_directory
-
-    with atomic_directory(out / "adapter") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
