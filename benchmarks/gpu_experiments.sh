@@ -29,7 +29,7 @@ for name in "${@:-two_tasks paper_table lora_rite_ablation rank_4 rank_64 init_s
   for one in $name; do
     [ -f "$RUNS/$one/results.json" ] && continue
     case $one in
-      paper_table) share two_tasks paper_table ;;
+      paper_table) ;;  # two_tasks trains longer (250 steps of 16): nothing to share
       lora_rite_ablation) share paper_table lora_rite_ablation ;;
     esac
     echo "== $one $(date +%T)"

@@ -77,3 +77,24 @@ def test_optimizer_entries_are_validated():
         parse_optimizers(["adamw", {"label": "adamw", "optimizer": "lamb"}])
     with pytest.raises(LoriteError, match="unknown keys"):
         parse_optimizers([{"optimizer": "lamb", "lr": 1}])
+
+
+@pytest.mark.slow
+def test_parallel_comparison_equals_serial_one(tmp_path):
+    """jobs=2 (worker processes, tasks finished one after another) chooses and reports what jobs=1 does."""
+    model = tiny_model_dir(tmp_path / "model")
+    tasks = [f"file:{write_task(tmp_path / name / 'task.json', seed=i)}" for i, name in enumerate("ab")]
+    base = FinetuneConfig(
+        task="", model=str(model), rank=4, steps=3, batch_size=4, n_validation=16, n_test=16,
+        max_length=64, target_modules=["q_proj", "v_proj"], device="cpu",
+    )  # fmt: skip
+    grids = {"adamw": [1e-3, 3e-2]}
+    serial = compare(tasks, ["adamw"], grids, 2, base, tmp_path / "serial", progress=False, zero_shot=False)
+    parallel = compare(
+        tasks, ["adamw"], grids, 2, base, tmp_path / "parallel", jobs=2, progress=False, zero_shot=False
+    )
+    for task in tasks:
+        one, two = serial["tasks"][task]["optimizers"]["adamw"], parallel["tasks"][task]["optimizers"]["adamw"]
+        assert one["best_lr"] == two["best_lr"]
+        assert one["test_score"] == pytest.approx(two["test_score"], abs=1e-6)
+        assert len(two["loss_curves"]) == 2

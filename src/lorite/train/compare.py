@@ -12,7 +12,9 @@ Every run also evaluates the test split (so that an interrupted comparison can r
 
 An "optimizer" can be a registry name or a labelled variant — ``{"label": "lora_rite/no-escape",
 "optimizer": "lora_rite", "args": {"escape_mass": false}, "init_scale": 10}`` in a config file — so that
-ablations are comparisons too.
+ablations are comparisons too. An entry's ``training`` overrides settings of the run for that entry only
+(``{"label": "loldu", "optimizer": "adamw", "training": {"method": "loldu", "alpha": 1}}``), so that
+fine-tuning methods compare on the same data as well.
 
 Runs are independent processes when ``jobs > 1`` (they share one GPU well: a 135M model leaves it idle
 most of the time). Everything lands in ``out/``: one folder per run, ``results.json``, ``report.md`` and
@@ -92,10 +94,15 @@ class OptimizerSpec:
     optimizer: str
     args_json: str = "{}"  # hyperparameters as JSON (hashable)
     init_scale: float = 1.0
+    training_json: str = "{}"  # FinetuneConfig overrides for this entry (method, rank, …) as JSON
 
     @property
     def args(self) -> dict[str, Any]:
         return json.loads(self.args_json)
+
+    @property
+    def training(self) -> dict[str, Any]:
+        return json.loads(self.training_json)
 
 
 def parse_optimizers(items: list[Any]) -> list[OptimizerSpec]:
@@ -107,14 +114,20 @@ def parse_optimizers(items: list[Any]) -> list[OptimizerSpec]:
         if isinstance(item, str):
             spec = OptimizerSpec(item, item)
         elif isinstance(item, dict) and "optimizer" in item:
-            unknown = set(item) - {"label", "optimizer", "args", "init_scale"}
+            unknown = set(item) - {"label", "optimizer", "args", "init_scale", "training"}
             if unknown:
                 raise LoriteError(f"optimizer entry {item}: unknown keys {sorted(unknown)}")
+            overridable = set(FinetuneConfig.__dataclass_fields__) - {"task", "optimizer", "lr", "seed"}
+            bad = set(item.get("training", {})) - overridable
+            if bad:
+                label = item.get("label", item["optimizer"])
+                raise LoriteError(f"optimizer entry {label!r}: unknown training settings {sorted(bad)}")
             spec = OptimizerSpec(
                 item.get("label", item["optimizer"]),
                 item["optimizer"],
                 json.dumps(item.get("args", {}), sort_keys=True),
                 float(item.get("init_scale", 1.0)),
+                json.dumps(item.get("training", {}), sort_keys=True),
             )
         else:
             raise LoriteError(f"optimizer entry {item!r}: give a name or {{'label', 'optimizer', 'args'}}")
@@ -148,6 +161,7 @@ def _execute(base: dict[str, Any], run: RunSpec, out: str, progress: bool) -> tu
     config = FinetuneConfig(
         **{
             **base,
+            **run.spec.training,
             "task": run.task,
             "optimizer": run.spec.optimizer,
             "optimizer_kwargs": {**base.get("optimizer_kwargs", {}), **run.spec.args},
@@ -189,43 +203,70 @@ def compare(
     base_fields = {k: v for k, v in asdict(base).items() if k not in ("task", "optimizer", "lr", "seed")}
     base_fields["skip_test"] = False
 
-    def run_all(runs: list[RunSpec]) -> dict[RunSpec, dict]:
-        results = {}
-        if jobs <= 1:
-            for run in runs:
-                results[run] = _execute(base_fields, run, str(out), progress)[1]
-            return results
+    def execute(run: RunSpec, pool=None):
+        if pool is None:
+            return _execute(base_fields, run, str(out), progress)[1]
+        return pool.submit(_execute, base_fields, run, str(out), False)
+
+    def collect(run: RunSpec, future) -> dict:
+        try:
+            result = future.result()[1]
+        except Exception as error:  # one failed run (e.g. out of memory) must not sink the rest
+            result = {"failed": f"{type(error).__name__}: {error}"[:500], "validation": {"score": None}}
+            print(f"FAILED {run.folder}: {result['failed']}", flush=True)
+        if progress:
+            print(
+                f"done {run.folder}: validation score {result.get('validation', {}).get('score')}", flush=True
+            )
+        return result
+
+    # Tasks are finished one after another (grid, then seeds at the best lr) so that an interrupted
+    # comparison leaves whole tasks behind; with jobs > 1 the next task's grid fills idle workers while
+    # the previous task's last runs finish, and a task's seed runs go ahead of later tasks' grids.
+    results: dict[RunSpec, dict] = {}
+    best: dict[tuple[str, str], float] = {}
+    grid_runs = {t: [RunSpec(t, s, lr, 0) for s in specs for lr in grids[s.label]] for t in tasks}
+
+    def seed_runs(task: str) -> list[RunSpec]:
+        for s in specs:
+            best[(task, s.label)] = _best_lr(
+                [(results[RunSpec(task, s, lr, 0)], lr) for lr in grids[s.label]]
+            )
+        return [RunSpec(task, s, best[(task, s.label)], seed) for s in specs for seed in range(seeds)]
+
+    if jobs <= 1:
+        for task in tasks:
+            for run in grid_runs[task]:
+                results[run] = execute(run)
+            for run in seed_runs(task):
+                if run not in results:
+                    results[run] = execute(run)
+    else:
         import multiprocessing
+        from concurrent.futures import FIRST_COMPLETED, wait
 
+        queue = [run for task in tasks for run in grid_runs[task]]  # in priority order
+        pending_grid = {task: len(grid_runs[task]) for task in tasks}
+        in_flight: dict = {}
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_execute, base_fields, run, str(out), False) for run in runs]
-            for run, future in zip(runs, futures):
-                try:
-                    result = future.result()[1]
-                except Exception as error:  # one failed run (e.g. out of memory) must not sink the rest
-                    result = {
-                        "failed": f"{type(error).__name__}: {error}"[:500],
-                        "validation": {"score": None},
-                    }
-                    print(f"FAILED {run.folder}: {result['failed']}", flush=True)
-                results[run] = result
-                if progress:
-                    score = result.get("validation", {}).get("score")
-                    print(f"done {run.folder}: validation score {score}", flush=True)
-        return results
-
-    # 1. the grid, seed 0
-    grid = run_all([RunSpec(t, s, lr, 0) for t in tasks for s in specs for lr in grids[s.label]])
-    # 2. the best lr on validation; 3. every seed at it
-    best = {
-        (t, s.label): _best_lr([(grid[RunSpec(t, s, lr, 0)], lr) for lr in grids[s.label]])
-        for t in tasks
-        for s in specs
-    }
-    final = run_all(
-        [RunSpec(t, s, best[(t, s.label)], seed) for t in tasks for s in specs for seed in range(seeds)]
-    )
-    final.update(grid)
+            while queue or in_flight:
+                while queue and len(in_flight) < jobs:
+                    run = queue.pop(0)
+                    if run in results or run in in_flight.values():
+                        continue
+                    in_flight[execute(run, pool)] = run
+                done, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
+                for future in done:
+                    run = in_flight.pop(future)
+                    results[run] = collect(run, future)
+                    if run in grid_runs[run.task] and run.seed == 0 and pending_grid[run.task] > 0:
+                        pending_grid[run.task] -= 1
+                        if pending_grid[run.task] == 0:  # this task's grid is complete: its seeds next
+                            extra = [r for r in seed_runs(run.task) if r not in results]
+                            ahead = [r for r in queue if tasks.index(r.task) <= tasks.index(run.task)]
+                            behind = [r for r in queue if tasks.index(r.task) > tasks.index(run.task)]
+                            queue = ahead + extra + behind
+    final = results
 
     baseline = {task: _zero_shot(replace(base, task=task), progress) for task in tasks} if zero_shot else {}
     results = _summarise(tasks, specs, grids, seeds, final, best, baseline, base)
@@ -282,6 +323,8 @@ def _summarise(tasks, specs, grids, seeds, runs, best, baseline, base) -> dict:
                 "optimizer": spec.optimizer,
                 "args": spec.args,
                 "init_scale": spec.init_scale,
+                "training": spec.training,
+                "trainable_parameters": chosen[0].get("trainable_parameters"),
                 "best_lr": lr,
                 "best_lr_at_grid_edge": len(lr_grid) > 1 and lr in (min(lr_grid), max(lr_grid)),
                 "grid": {g: r.get("validation", {}).get("score") for g, r in grid_runs.items()},
