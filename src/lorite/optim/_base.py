@@ -227,7 +227,10 @@ class PairOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
                 loss = closure()
         pair_groups = [g for g in self.param_groups if g["role"] == PAIRS]
         if pair_groups:
-            self._step_pairs(pair_groups)
+            if any(_is_dtensor(p) for group in pair_groups for p in group["params"]):
+                self._step_pairs_gathered(pair_groups)
+            else:
+                self._step_pairs(pair_groups)
         for group in self.param_groups:
             if group["role"] == ADAMW:
                 self._step_adamw(group)
@@ -236,6 +239,50 @@ class PairOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
     @abc.abstractmethod
     def _step_pairs(self, groups: list[dict[str, Any]]) -> None:
         """Update every pair of ``groups`` (the ``lora_pairs`` groups); each optimizer implements this."""
+
+    def _step_pairs_gathered(self, groups: list[dict[str, Any]]) -> None:
+        """FSDP2: gather, compute, keep the local shard.
+
+        Under ``fully_shard`` every factor is a DTensor sharded on dim 0 (A's rank axis is split, and with
+        more ranks than the rank r some shards are empty), so no rank holds a whole pair. Each rank
+        all-gathers the factors, their gradients and the factor-shaped state, runs the ordinary pair
+        update on the full tensors (every rank computes the same numbers), then keeps its own shard of the
+        new factors and of the factor-shaped state (first moments stay DTensors with the parameter's
+        placements); r×r state is small and kept whole on every rank (replicated). The gathers are
+        collectives, so every rank steps the same groups in the same order — as FSDP2 itself requires.
+        """
+        from torch.distributed.tensor import DTensor
+
+        proxies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        full_groups = []
+        for group in groups:
+            params = []
+            for p in group["params"]:
+                if not isinstance(p, DTensor):
+                    params.append(p)
+                    continue
+                full = p.detach().full_tensor()
+                if p.grad is not None:
+                    full.grad = p.grad.full_tensor()
+                saved = self.state.pop(p, None)
+                if saved:
+                    self.state[full] = {
+                        key: value.full_tensor() if isinstance(value, DTensor) else value
+                        for key, value in saved.items()
+                    }
+                proxies.append((p, full))
+                params.append(full)
+            full_groups.append({**group, "params": params})
+        try:
+            self._step_pairs(full_groups)
+        finally:
+            for group, full_group in zip(groups, full_groups):  # group-level counters (e.g. Shampoo's)
+                group.update({key: value for key, value in full_group.items() if key != "params"})
+            for p, full in proxies:
+                p.to_local().copy_(_local_shard(full, p.device_mesh, p.placements))
+                state = self.state.pop(full, None)
+                if state:
+                    self.state[p] = {key: _shard_like(value, p) for key, value in state.items()}
 
     @staticmethod
     def pairs_with_grads(group: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -358,6 +405,35 @@ class PairOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
                     else value
                     for key, value in saved.items()
                 }
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor"  # no torch.distributed import unless one is there
+
+
+def _local_shard(full: torch.Tensor, mesh, placements) -> torch.Tensor:
+    """This rank's part of ``full`` laid out by ``placements`` on ``mesh`` (no communication: every rank
+    holds the same ``full``)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.detach(), mesh, placements, src_data_rank=None).to_local()
+
+
+def _shard_like(value: Any, param: torch.Tensor) -> Any:
+    """Optimizer state of a DTensor factor: factor-shaped tensors (first moments, in the factor's layout
+    or transposed) become DTensors sharded like the factor; everything else (r×r statistics, step
+    counters) stays a plain tensor, identical on every rank."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.numel() != param.numel():
+        return value
+    placements = param.placements
+    if tuple(value.shape) != tuple(param.shape):
+        if tuple(value.shape) != tuple(param.shape)[::-1] or param.dim() != 2:
+            return value
+        placements = tuple(Shard(1 - pl.dim) if isinstance(pl, Shard) else pl for pl in placements)
+    local = _local_shard(value, param.device_mesh, placements).clone()  # not a view of the full tensor
+    return DTensor.from_local(local, param.device_mesh, placements, shape=value.shape, stride=value.stride())
 
 
 def _trainer_max_grad_norm() -> float | None:

@@ -26,7 +26,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-SUPPORTED_ENGINES = "single device, DDP (torch DistributedDataParallel, accelerate MULTI_GPU)"
+SUPPORTED_ENGINES = (
+    "single device, DDP (torch DistributedDataParallel, accelerate MULTI_GPU), FSDP2 (fully_shard, accelerate "
+    "fsdp_version 2)"
+)
 
 
 @dataclass(frozen=True)
