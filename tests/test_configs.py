@@ -32,5 +32,6 @@ def test_the_paper_table_covers_every_registry_optimizer_and_the_five_dev_tasks(
     config = json.loads(
         (Path(__file__).parent.parent / "benchmarks" / "configs" / "paper_table.json").read_text()
     )
-    assert set(config["optimizers"]) == set(available())
+    # GaLore and Fira (issue 7) are full-weight pre-training optimizers, not in the LoRA-RITE paper's table
+    assert set(config["optimizers"]) == set(available()) - {"galore_adamw", "fira_adamw"}
     assert len(config["tasks"]) == 5 and config["seeds"] == 3

@@ -1,4 +1,5 @@
-"""The ``lorite`` command: ``finetune``, ``compare``, ``demo``.
+"""The ``lorite`` command: ``finetune``, ``compare``, ``demo``, ``analyze``, ``grow``, ``pretrain``,
+``quantize``.
 
 Bad input is one line on stderr and exit code 2, never a traceback, and nothing half-written is left.
 """
@@ -22,7 +23,9 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
         "--model", default=None, help="SmolLM2-135M-Instruct (default), a .gguf file or a model dir"
     )
     parser.add_argument(
-        "--method", default="lora", help="what trains: lora (default); see lorite.train.methods.METHODS"
+        "--method",
+        default="lora",
+        help="what trains: lora (default), full, loldu, …; see lorite.train.methods.METHODS",
     )
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument(
@@ -44,11 +47,29 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int, default=0, help="validation every N steps (0: at the end)")
     parser.add_argument("--eval-batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--parallel",
+        default="none",
+        help="under torchrun / accelerate launch: ddp or fsdp2 (same global batch)",
+    )
     parser.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on CUDA")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute activations in backward (less memory)",
+    )
+    parser.add_argument(
+        "--save-every", type=int, default=0, help="save adapter/model to snapshots/step_N every N steps"
+    )
     parser.add_argument(
         "--optimizer-args",
         default="{}",
         help="extra optimizer hyperparameters as JSON, e.g. '{\"escape_mass\": false}'",
+    )
+    parser.add_argument(
+        "--method-args",
+        default="{}",
+        help='the method\'s own options as JSON, e.g. loldu: \'{"init_method": "lu", "train_scale": true}\'',
     )
 
 
@@ -61,15 +82,23 @@ def _base_config(args: argparse.Namespace, task: str, optimizer: str, lr: float,
         raise LoriteError(f"--optimizer-args is not JSON: {error}") from error
     if not isinstance(extra, dict):
         raise LoriteError("--optimizer-args must be a JSON object")
+    try:
+        method_args = json.loads(getattr(args, "method_args", "{}"))
+    except json.JSONDecodeError as error:
+        raise LoriteError(f"--method-args is not JSON: {error}") from error
+    if not isinstance(method_args, dict):
+        raise LoriteError("--method-args must be a JSON object")
     targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
     return FinetuneConfig(
         task=task, model=args.model, optimizer=optimizer, lr=lr, optimizer_kwargs=extra,
         method=args.method, rank=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=targets,
+        method_args=method_args,
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         warmup_steps=args.warmup_steps, schedule=args.schedule, max_grad_norm=args.max_grad_norm,
         seed=seed, n_validation=args.n_validation, n_test=args.n_test, max_length=args.max_length,
         eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
-        checkpoint_every=getattr(args, "checkpoint_every", 0), device=args.device, bf16=not args.no_bf16,
+        checkpoint_every=getattr(args, "checkpoint_every", 0), device=args.device, parallel=args.parallel, bf16=not args.no_bf16,
+        gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every,
     )  # fmt: skip
 
 
@@ -219,6 +248,99 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"\nreport: {out / 'report.md'}   plots: {out}/loss_{args.task}.png, {out}/test_scores.png")
 
 
+# ------------------------------------------------------------------------------------------ pretrain
+def _parse_tokens(text: str) -> int:
+    """``20000000``, ``2e7``, ``20M``, ``1.5B`` → an integer token count."""
+    scale = {"k": 10**3, "m": 10**6, "b": 10**9}.get(text[-1:].lower(), 1)
+    try:
+        value = float(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise LoriteError(f"--tokens {text!r} is not a number (e.g. 20000000, 2e7, 20M)") from None
+    if not (value >= 1 and value < 1e15):
+        raise LoriteError(f"--tokens must be a positive count, got {text!r}")
+    return int(value)
+
+
+def _json_object(text: str, option: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise LoriteError(f"{option} is not JSON: {error}") from error
+    if not isinstance(value, dict):
+        raise LoriteError(f"{option} must be a JSON object")
+    return value
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from .train.pretrain import PretrainConfig, check_output_dir, pretrain, saved_config
+
+    if args.resume is not None:
+        out = Path(args.resume)
+        config = saved_config(out)  # the run's own settings
+        config.progress = True
+    else:
+        out = Path(args.out)
+        check_output_dir(out, resume=False)
+        if args.tokens is None:
+            raise LoriteError("--tokens is required (or --resume DIR)")
+        corpora = _parse_list(args.corpora, "corpora")
+        config = PretrainConfig(
+            size=args.size, optimizer=args.optimizer, lr=args.lr,
+            optimizer_kwargs=_json_object(args.optimizer_args, "--optimizer-args"),
+            tokens=_parse_tokens(args.tokens), block_length=args.block_length, batch_size=args.batch_size,
+            grad_accum=args.grad_accum, warmup=args.warmup, schedule=args.schedule, grad_clip=args.grad_clip,
+            sampler=args.sampler, sampler_options=_json_object(args.sampler_args, "--sampler-args"),
+            eval_every=args.eval_every, seed=args.seed, device=args.device, bf16=not args.no_bf16,
+            checkpoint_every=args.checkpoint_every, corpora=corpora,
+            train_corpora=_parse_list(args.train_corpora, "train-corpora") if args.train_corpora else None,
+            data=args.data, time_limit=args.time_limit, progress=True,
+        )  # fmt: skip
+    results = pretrain(config, out, resume=args.resume is not None)
+    final = results.get("final", {})
+    summary = {
+        "tokens": final.get("tokens"),
+        "validation_ppl": final.get("ppl"),
+        "by_corpus": {c: round(v["ppl"], 3) for c, v in final.get("by_corpus", {}).items()},
+        "tokens_per_second": results.get("tokens_per_second"),
+        "optimizer_state_mb": results.get("optimizer_state_bytes", 0) / 2**20,
+    }
+    print(json.dumps(summary, indent=1))
+    print(f"model and metrics in {out}")
+
+
+def _add_pretrain_parser(sub) -> None:
+    pre = sub.add_parser("pretrain", help="pre-train a small LLaMA from scratch (GaLore/Fira sizes)")
+    pre.add_argument("--size", default="60m", help="tiny, 20m, 60m, 130m or 350m (lorite.models.llama)")
+    pre.add_argument("--optimizer", default="adamw", help="a lorite.optim name, e.g. adamw, fira_adamw")
+    pre.add_argument("--tokens", default=None, help="training budget: 20000000, 2e7 or 20M")
+    pre.add_argument("--lr", type=float, default=1e-3)
+    pre.add_argument("--optimizer-args", default="{}", help='JSON, e.g. \'{"rank": 128, "scale": 0.25}\'')
+    pre.add_argument("--sampler", default="random", help="random or lfr")
+    pre.add_argument("--sampler-args", default="{}", help="the sampler's options as JSON")
+    pre.add_argument(
+        "--corpora",
+        default="shakespeare,bible,austen,webster,cpython",
+        help="comma list built into the token cache; each is evaluated on its held-out documents",
+    )
+    pre.add_argument("--train-corpora", default=None, help="comma list trained on (default: all --corpora)")
+    pre.add_argument("--data", default=None, help="an existing token cache directory")
+    pre.add_argument("--block-length", type=int, default=256)
+    pre.add_argument("--batch-size", type=int, default=64, help="blocks per micro-batch (per GPU)")
+    pre.add_argument("--grad-accum", type=int, default=1)
+    pre.add_argument("--warmup", type=float, default=0.1, help="warmup as a fraction of the steps")
+    pre.add_argument("--schedule", default="cosine", help="cosine, linear or constant after warmup")
+    pre.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0: off)")
+    pre.add_argument("--eval-every", type=int, default=100, help="validation every N steps (0: at the end)")
+    pre.add_argument("--checkpoint-every", type=int, default=0)
+    pre.add_argument("--time-limit", type=float, default=None, help="seconds; then checkpoint and stop")
+    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--device", default="auto")
+    pre.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on CUDA")
+    pre.add_argument("--out", default="lorite-pretrain")
+    pre.add_argument("--resume", default=None, help="continue the run whose checkpoint is in this dir")
+    pre.set_defaults(func=cmd_pretrain)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (and exit code 2, as argparse's)."""
 
@@ -267,6 +389,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=None)
     demo.add_argument("--out", default=None)
     demo.set_defaults(func=cmd_demo)
+    _add_pretrain_parser(sub)
+
+    from .analysis.commands import add_analyze_parser
+
+    add_analyze_parser(sub)
+
+    from .growth.commands import add_grow_parser
+
+    add_grow_parser(sub)
+
+    from .adapters.lq_lora import add_quantize_parser
+
+    add_quantize_parser(sub)
+
+    from .federated.command import add_federate_parser
+
+    add_federate_parser(sub)
     return parser
 
 

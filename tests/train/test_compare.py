@@ -94,7 +94,10 @@ def test_parallel_comparison_equals_serial_one(tmp_path):
         tasks, ["adamw"], grids, 2, base, tmp_path / "parallel", jobs=2, progress=False, zero_shot=False
     )
     for task in tasks:
-        one, two = serial["tasks"][task]["optimizers"]["adamw"], parallel["tasks"][task]["optimizers"]["adamw"]
+        one, two = (
+            serial["tasks"][task]["optimizers"]["adamw"],
+            parallel["tasks"][task]["optimizers"]["adamw"],
+        )
         assert one["best_lr"] == two["best_lr"]
         assert one["test_score"] == pytest.approx(two["test_score"], abs=1e-6)
         assert len(two["loss_curves"]) == 2

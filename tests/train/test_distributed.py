@@ -69,4 +69,6 @@ def test_torchrun_equals_one_process(tmp_path, engine, optimizer):
 def test_parallel_engine_is_checked(tmp_path):
     from lorite.cli import main
 
-    assert main(["finetune", "--task", "social_iqa", "--parallel", "fsdp1", "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(["finetune", "--task", "social_iqa", "--parallel", "fsdp1", "--out", str(tmp_path / "x")]) == 2
+    )

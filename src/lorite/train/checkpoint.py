@@ -37,23 +37,34 @@ def trainable_state_dict(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, scheduler, train_state: dict[str, Any]) -> Path:
-    """Write ``run_dir/checkpoint`` atomically and return it."""
+def save_checkpoint(
+    run_dir: Path, model, optimizer, scheduler, train_state: dict[str, Any], extra_state: dict | None = None
+) -> Path:
+    """Write ``run_dir/checkpoint`` atomically and return it. ``extra_state`` (tensors and plain Python,
+    e.g. a data sampler's ``state_dict()``) is saved next to the optimizer's."""
     from safetensors.torch import save_file
 
     target = Path(run_dir) / CHECKPOINT_DIR
     with atomic_directory(target) as tmp:
         save_file(trainable_state_dict(model), str(tmp / "trainable.safetensors"))
         torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_state(),
+                "extra": extra_state or {},
+            },
             tmp / "training_state.pt",
         )
         (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1))
     return target
 
 
-def load_checkpoint(run_dir: Path, model, optimizer, scheduler) -> dict[str, Any]:
-    """Restore what :func:`save_checkpoint` wrote; returns the saved ``train_state``."""
+def load_checkpoint(
+    run_dir: Path, model, optimizer, scheduler, extra_state: dict | None = None
+) -> dict[str, Any]:
+    """Restore what :func:`save_checkpoint` wrote; returns the saved ``train_state``. A dict passed as
+    ``extra_state`` is filled with the saved extra state."""
     from safetensors.torch import load_file
 
     folder = Path(run_dir) / CHECKPOINT_DIR
@@ -77,4 +88,6 @@ def load_checkpoint(run_dir: Path, model, optimizer, scheduler) -> dict[str, Any
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
+    if extra_state is not None:
+        extra_state.update(state.get("extra", {}))
     return json.loads((folder / "train_state.json").read_text())

@@ -19,11 +19,13 @@ import torch
 
 from ..cache import atomic_write_text
 from ..errors import LoriteError
+from . import distributed
 from .checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
 from .examples import collate, encode_examples, lm_loss
 from .methods import get_method
 
 SCHEDULES = ("cosine", "linear", "constant")
+SNAPSHOT_DIR = "snapshots"  # save_every: snapshots/step_000050/{adapter,model}
 
 
 @dataclass
@@ -58,21 +60,32 @@ class FinetuneConfig:
     device: str = "auto"
     bf16: bool = True  # autocast to bf16 on CUDA (weights stay fp32)
     skip_test: bool = False  # compare evaluates test only at the chosen learning rates
+    parallel: str = "none"  # under torchrun / accelerate launch: "ddp" or "fsdp2" (see train/distributed.py)
+    gradient_checkpointing: bool = False  # recompute layer activations in backward (less memory, ~30% slower)
+    save_every: int = (
+        0  # also save the method's weights to snapshots/step_N every N steps (forgetting curves)
+    )
+    method_args: dict[str, Any] = field(default_factory=dict)  # the method's own options (--method-args)
 
     def validate(self) -> None:
         if self.rank < 1:
             raise LoriteError(f"--rank must be >= 1, got {self.rank}")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise LoriteError("--steps, --batch-size and --grad-accum must be >= 1")
+        if self.save_every < 0:
+            raise LoriteError(f"--save-every must be >= 0, got {self.save_every}")
         if not (self.lr >= 0 and math.isfinite(self.lr)):
             raise LoriteError(f"--lr must be a non-negative number, got {self.lr}")
         if self.schedule not in SCHEDULES:
             raise LoriteError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not (self.init_scale > 0 and math.isfinite(self.init_scale)):
             raise LoriteError(f"init_scale must be a positive number, got {self.init_scale}")
+        from .distributed import ENGINES
         from .methods import get_method
 
         get_method(self.method)
+        if self.parallel not in ENGINES:
+            raise LoriteError(f"--parallel must be one of {', '.join(ENGINES)}, got {self.parallel!r}")
 
 
 # ------------------------------------------------------------------------------------------- pieces
@@ -165,6 +178,12 @@ def evaluate(model, tokenizer, data: TaskData, split: str, config: FinetuneConfi
     return evaluate_task(model, tokenizer, data.task, examples, config.eval_batch_size, progress=progress)
 
 
+def evaluate_on_all_ranks(model, tokenizer, data, split, config, progress, world) -> dict:
+    """:func:`evaluate` on the whole model; under torchrun every rank evaluates the same examples."""
+    with distributed.gathered(model, world) as whole:
+        return evaluate(whole, tokenizer, data, split, config, progress and world.is_main)
+
+
 def check_output_dir(out: Path, resume: bool) -> None:
     """Refuse to mix two runs in one directory."""
     if (
@@ -195,14 +214,27 @@ def finetune(
     out = Path(out) if out is not None else None
     if out is not None:
         check_output_dir(out, resume)
-    device = pick_device(config.device)
+    world = distributed.setup(config.parallel, pick_device(config.device))
+    device = world.device
+    if world.active and (resume or config.checkpoint_every or config.save_every):
+        raise LoriteError(
+            "checkpoints and snapshots are not supported under torchrun yet (single process only)"
+        )
+    if world.active and config.parallel == "fsdp2" and config.method != "lora":
+        raise LoriteError(f"--parallel fsdp2 supports --method lora only, got {config.method!r} (use ddp)")
     torch.manual_seed(config.seed)
 
     model, tokenizer = load_causal_lm(config.model)
     method = get_method(config.method)
     model = method.prepare(model, config).to(device)
+    if config.gradient_checkpointing:  # non-reentrant: works with a frozen base (LoRA) as well
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = distributed.wrap(model, config.parallel, world)  # before the optimizer: it must see DTensors
     data = load_task_data(config, tokenizer)
-    optimizer = create(config.optimizer, model, lr=config.lr, **config.optimizer_kwargs)
+    optimizer = create(config.optimizer, distributed.unwrap(model), lr=config.lr, **config.optimizer_kwargs)
     warmup = config.warmup_steps if config.warmup_steps is not None else max(1, config.steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.steps, warmup, config.schedule))
 
@@ -228,11 +260,16 @@ def finetune(
         total = 0.0
         for micro in range(config.grad_accum):
             indices = batch_indices(n_train, config.batch_size, config.seed, step, micro, config.grad_accum)
+            indices = distributed.shard(indices, world)  # the global micro-batch, split across ranks
             batch = {k: v.to(device) for k, v in make_batch(data, indices, tokenizer.pad_token_id).items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = lm_loss(model, batch) / config.grad_accum
+                if world.active:
+                    loss = distributed.distributed_lm_loss(model, batch, world) / config.grad_accum
+                else:
+                    loss = lm_loss(model, batch) / config.grad_accum
             loss.backward()
             total += float(loss.detach())
+        total = distributed.mean_over_ranks(total, world)
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(
                 [p for p in model.parameters() if p.requires_grad], config.max_grad_norm
@@ -250,8 +287,13 @@ def finetune(
         done = step + 1
         if config.eval_every and done % config.eval_every == 0 and done < config.steps:
             history["validation"].append(
-                {"step": done, **evaluate(model, tokenizer, data, "validation", config, False)}
+                {
+                    "step": done,
+                    **evaluate_on_all_ranks(model, tokenizer, data, "validation", config, False, world),
+                }
             )
+        if out is not None and config.save_every and done % config.save_every == 0 and done < config.steps:
+            method.save(model, out / SNAPSHOT_DIR / f"step_{done:06d}")
         if out is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
             save_checkpoint(
                 out, model, optimizer, scheduler, {"step": done, "history": history, "config": asdict(config)}
@@ -267,11 +309,19 @@ def finetune(
     if diverged:
         results["validation"] = {"score": -math.inf}
     else:
-        results["validation"] = evaluate(model, tokenizer, data, "validation", config, progress)
+        results["validation"] = evaluate_on_all_ranks(
+            model, tokenizer, data, "validation", config, progress, world
+        )
         history["validation"].append({"step": config.steps, **results["validation"]})
         if not config.skip_test:
-            results["test"] = evaluate(model, tokenizer, data, "test", config, progress)
+            results["test"] = evaluate_on_all_ranks(model, tokenizer, data, "test", config, progress, world)
+    results["world_size"] = world.size
     if out is not None:
-        method.save(model, out)
-        atomic_write_text(out / "metrics.json", json.dumps(results, indent=1, default=str))
+        full = distributed.full_state_dict(model, world)  # FSDP2: gathered to CPU (a collective)
+        if world.is_main:
+            if full is None:
+                method.save(distributed.unwrap(model), out)
+            else:
+                method.save(model, out, state_dict=full)
+            atomic_write_text(out / "metrics.json", json.dumps(results, indent=1, default=str))
     return results

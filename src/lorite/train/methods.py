@@ -14,7 +14,12 @@ from pathlib import Path
 
 import torch
 
+from ..adapters.loldu import prepare_for_finetune as prepare_loldu
+from ..adapters.loldu import save_for_finetune as save_loldu_adapter
+from ..adapters.lq_lora import prepare_for_finetune as prepare_lq_lora
+from ..adapters.lq_lora import save_for_finetune as save_lq_lora
 from ..errors import LoriteError
+from .full import prepare_full, save_full_model
 
 
 @dataclass(frozen=True)
@@ -61,16 +66,24 @@ def add_lora(model, config):
     return model
 
 
-def save_peft_adapter(model, out: Path) -> None:
-    """The adapter only (``adapter/`` with peft's safetensors), written atomically."""
+def save_peft_adapter(model, out: Path, state_dict: dict | None = None) -> None:
+    """The adapter only (``adapter/`` with peft's safetensors), written atomically. ``state_dict``: the whole
+    model's tensors when the module's own are sharded (FSDP2)."""
     from ..cache import atomic_directory
 
     with atomic_directory(Path(out) / "adapter") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
 
 
 METHODS: dict[str, Method] = {
     "lora": Method("lora", add_lora, save_peft_adapter, "peft LoRA adapters (rank, alpha, target modules)"),
+    "full": Method("full", prepare_full, save_full_model, "every weight trains; saves the whole model"),
+    "loldu": Method(
+        "loldu", prepare_loldu, save_loldu_adapter, "LoLDU: r trainable pivots per matrix (arXiv 2410.13618)"
+    ),
+    "lq_lora": Method(
+        "lq_lora", prepare_lq_lora, save_lq_lora, "LoRA over NF-quantized Q, W ≈ Q + L1·L2 (arXiv 2311.12023)"
+    ),
 }
 
 

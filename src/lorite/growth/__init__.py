@@ -1,0 +1,1 @@
+"""Growing a pretrained model into a larger one (LiGO, stacking)."""
