@@ -417,3 +417,27 @@ def test_loading_state_saved_with_another_rank_is_refused():
     other.load_state_dict(saved)
     with pytest.raises(ValueError, match="checkpoint saved with other projection settings"):
         other.step()
+
+
+def test_first_refresh_falls_back_to_a_randomized_svd_when_the_svd_fails(monkeypatch):
+    """A failed first SVD (no convergence, or out of memory) must not leave the all-zero starting basis,
+    which would freeze the matrix until the next refresh (seen on the H100 under memory pressure)."""
+    G = spectrum_matrix(40, 24, decay=0.6)[None]
+    projector = LowRankProjector((40, 24), rank=4, svd="subspace")
+    bases = projector.new_bases(1, G.device, G.dtype)
+
+    real_svd = torch.linalg.svd
+
+    def failing_svd(A, *args, **kwargs):  # the full-size SVD fails; the randomized SVD's small one works
+        if sorted(A.shape[-2:]) == [24, 40]:
+            raise torch.linalg.LinAlgError("did not converge")
+        return real_svd(A, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", failing_svd)
+    with pytest.warns(RuntimeWarning, match="randomized SVD"):
+        projector.refresh(G, bases, first=True)
+    Q = bases["proj"][0]
+    torch.testing.assert_close(Q.T @ Q, torch.eye(4, dtype=Q.dtype), atol=1e-6, rtol=0)
+    captured = (G[0] @ Q).square().sum() / G.square().sum()
+    best = (0.6 ** torch.arange(24.0)).square()
+    assert captured >= 0.99 * best[:4].sum() / best.sum()

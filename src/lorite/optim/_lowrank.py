@@ -21,7 +21,7 @@ gradient's shape (GaLore's ``project_back`` pitfall). ``r = min(rank, m, n)``.
 Refresh (every ``update_proj_gap`` steps) computes the top-``r`` singular subspace of ``G`` (fp32):
 
 * ``"exact"`` — ``torch.linalg.svd``; on failure retried with the ``gesvd`` driver (CUDA), then with
-  tiny jitter, else the previous basis is kept. Each new singular vector's sign is flipped to agree with
+  tiny jitter, then a randomized SVD, else the previous basis is kept. Each new singular vector's sign is flipped to agree with
   the previous basis's column of the same index (an SVD's signs are arbitrary; this keeps the Adam
   moments' coordinates as consistent across refreshes as the SVD allows).
 * ``"subspace"`` (default) — block power (orthogonal/subspace) iteration warm-started from the previous
@@ -245,6 +245,24 @@ class LowRankProjector:
                 if self.side == "full":
                     out["proj_right"] = Vh[..., :r, :].mT
                 return out
+        # Last resort, before keeping the previous basis (all zeros at the first refresh, which would freeze
+        # the matrix until the next refresh): a randomized SVD needs only GEMMs, a QR and a small SVD, so it
+        # works where the full SVD did not converge or did not fit in memory.
+        try:
+            U, _, V = torch.svd_lowrank(X32, q=min(r + 8, *X32.shape[-2:]), niter=4)
+            out = {"proj": U[..., :r]}
+            if self.side == "full":
+                out["proj_right"] = V[..., :r]
+            if bool(torch.isfinite(out["proj"]).all()):  # a host sync, on this failure path only
+                warnings.warn(
+                    f"low-rank projector {self.m}x{self.n}: SVD failed even with jitter; used a randomized "
+                    "SVD instead",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                return out
+        except RuntimeError:
+            pass
         if not self._warned:
             self._warned = True
             warnings.warn(
