@@ -21,41 +21,32 @@ O(ℓ² d) like the paper's dynamic-programming recursion (its Algorithm 2), and
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .core import (
-    Algorithm,
     ClientData,
     ClientUpdate,
-    LocalSGDConfig,
     ModelSpec,
-    OptimizerConfig,
-    ServerState,
     TensorDict,
     load_parameters,
     local_sgd,
-    optimizer_step,
     parameters_of,
 )
-from .fedavg import weighted_mean
+from .fedavg import FedAvg, FedAvgConfig
 
 
 @dataclass
-class FedPAConfig:
-    """FedPA settings: ``local.epochs − burn_in_epochs`` samples per client; ``shrinkage`` ρ ≥ 0."""
+class FedPAConfig(FedAvgConfig):
+    """FedAvg's settings plus ``local.epochs − burn_in_epochs`` samples per client and ``shrinkage`` ρ ≥ 0."""
 
-    clients_per_round: int = 10
-    local: LocalSGDConfig = field(default_factory=LocalSGDConfig)
-    server: OptimizerConfig = field(default_factory=OptimizerConfig)
     burn_in_epochs: int = 1
     shrinkage: float = 0.01
 
     def __post_init__(self) -> None:
-        if self.clients_per_round < 1:
-            raise ValueError(f"clients_per_round must be ≥ 1, got {self.clients_per_round}")
+        super().__post_init__()
         if not 0 <= self.burn_in_epochs < self.local.epochs:
             raise ValueError("burn_in_epochs must be ≥ 0 and smaller than the local epochs")
         if self.shrinkage < 0:
@@ -74,19 +65,14 @@ def shrunk_inverse_times(samples: torch.Tensor, vector: torch.Tensor, shrinkage:
     return (vector - centred @ torch.linalg.solve(small, centred.T @ vector)) / rho_hat
 
 
-class FedPA(Algorithm):
-    """FedPA: see the module docstring for the math."""
+class FedPA(FedAvg):
+    """FedPA: see the module docstring for the math. The server is FedAvg's (state, broadcast and the
+    server-optimizer step on the weighted mean of the clients' deltas); only the client's delta differs."""
 
     name = "fedpa"
 
     def __init__(self, config: FedPAConfig | None = None) -> None:
         super().__init__(config or FedPAConfig())
-
-    def init_state(self, params: TensorDict, client_sizes: list[int]) -> ServerState:
-        return ServerState({k: v.detach().clone().float() for k, v in params.items()})
-
-    def broadcast(self, state: ServerState) -> TensorDict:
-        return state.tensors
 
     def client_update(
         self,
@@ -129,16 +115,3 @@ class FedPA(Algorithm):
             delta[k] = delta_flat[offset : offset + size].reshape(broadcast[k].shape).to(broadcast[k].dtype)
             offset += size
         return ClientUpdate(delta, n, {"local_loss": loss})
-
-    def aggregate(
-        self, state: ServerState, updates: list[ClientUpdate], round_: int
-    ) -> tuple[ServerState, dict[str, float]]:
-        pseudo_gradient = weighted_mean(updates)
-        params, opt_state = optimizer_step(
-            self.config.server, state.tensors, {k: -v for k, v in pseudo_gradient.items()}, state.optimizer
-        )
-        norm = float(torch.sqrt(sum((v.double() ** 2).sum() for v in pseudo_gradient.values())))
-        return ServerState(params, opt_state, state.extra), {"update_norm": norm}
-
-    def model_parameters(self, state: ServerState) -> TensorDict:
-        return state.tensors

@@ -71,3 +71,54 @@ def apply_update(
     steps = torch._foreach_mul(directions, lr)
     torch._foreach_sub_(current, steps)
     torch._foreach_copy_(params, current)
+
+
+def adamw_group_step(optimizer_state, group: dict, owner: str) -> None:
+    """One step of torch's own AdamW (``torch.optim.adam.adam``, decoupled weight decay) over ``group``'s
+    parameters that have a gradient, with state in ``optimizer_state`` (``step``, ``exp_avg``,
+    ``exp_avg_sq``, as ``torch.optim.AdamW`` keeps it): the fallback group of the pair optimizers and of
+    GaLore/Fira. Fused on CUDA (the step counts then live on the device); a tensor ``lr`` works too.
+    ``owner`` names the optimizer in errors."""
+    from torch.optim.adam import adam as torch_adam
+
+    params = [p for p in group["params"] if p.grad is not None]
+    if not params:
+        return
+    if any(p.grad.is_sparse for p in params):
+        raise TypeError(f"{owner}: sparse gradients are not supported")
+    fused = all(p.is_cuda for p in params)
+    exp_avgs, exp_avg_sqs, steps = [], [], []
+    for p in params:
+        state = optimizer_state[p]
+        step_device = p.device if fused else torch.device("cpu")
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        elif state["step"].device != step_device:
+            state["step"] = state["step"].to(step_device)
+        exp_avgs.append(state["exp_avg"])
+        exp_avg_sqs.append(state["exp_avg_sq"])
+        steps.append(state["step"])
+    beta1, beta2 = group["betas"]
+    lr = group["lr"]
+    if fused and isinstance(lr, torch.Tensor):
+        lr = lr.to(params[0].device)
+    torch_adam(
+        params,
+        [p.grad for p in params],
+        exp_avgs,
+        exp_avg_sqs,
+        [],
+        steps,
+        foreach=False if fused or isinstance(lr, torch.Tensor) else None,  # foreach rejects a tensor lr
+        fused=True if fused else None,
+        decoupled_weight_decay=True,
+        amsgrad=False,
+        beta1=beta1,
+        beta2=beta2,
+        lr=lr,
+        weight_decay=group["weight_decay"],
+        eps=group["eps"],
+        maximize=False,
+    )

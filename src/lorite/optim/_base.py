@@ -23,8 +23,8 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.optim.adam import adam as torch_adam
 
+from ._adam import adamw_group_step
 from ._linalg import compute_dtype
 from .pairs import find_lora_pairs, validate_pair
 
@@ -300,41 +300,7 @@ class PairOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
 
     def _step_adamw(self, group: dict[str, Any]) -> None:
         """The fallback group: torch's own AdamW (functional form, so its state lives in this optimizer)."""
-        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise TypeError("AdamW fallback: sparse gradients are not supported")
-            state = self.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
-        if not params:
-            return
-        beta1, beta2 = group["betas"]
-        torch_adam(
-            params,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
-            [],
-            steps,
-            decoupled_weight_decay=True,
-            amsgrad=False,
-            beta1=beta1,
-            beta2=beta2,
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
-            maximize=False,
-        )
+        adamw_group_step(self.state, group, type(self).__name__)
 
     # ------------------------------------------------------------------ non-finite gradients
     @property

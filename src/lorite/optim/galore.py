@@ -36,8 +36,8 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.optim.adam import adam as torch_adam
 
+from ._adam import adamw_group_step
 from ._linalg import compute_dtype
 from ._lowrank import PROJ_TYPES, SVD_METHODS, LowRankProjector
 
@@ -388,54 +388,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
             torch._foreach_mul_(params, decay)
 
     def _step_adamw(self, group: dict[str, Any]) -> None:
-        """Groups without ``rank``: torch's own AdamW (functional form; fused on CUDA)."""
-        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise TypeError(f"{type(self).__name__}: sparse gradients are not supported")
-            params.append(p)
-            grads.append(p.grad)
-        if not params:
-            return
-        fused = all(p.is_cuda for p in params)
-        for p in params:
-            state = self.state[p]
-            step_device = p.device if fused else torch.device("cpu")
-            if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            elif state["step"].device != step_device:
-                state["step"] = state["step"].to(step_device)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
-        beta1, beta2 = group["betas"]
-        lr = group["lr"]
-        if fused and isinstance(lr, torch.Tensor):
-            lr = lr.to(params[0].device)
-        torch_adam(
-            params,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
-            [],
-            steps,
-            foreach=False
-            if fused or isinstance(lr, torch.Tensor)
-            else None,  # torch's foreach rejects a tensor lr
-            fused=True if fused else None,
-            decoupled_weight_decay=True,
-            amsgrad=False,
-            beta1=beta1,
-            beta2=beta2,
-            lr=lr,
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
-            maximize=False,
-        )
+        """Groups without ``rank``: torch's own AdamW (fused on CUDA)."""
+        adamw_group_step(self.state, group, type(self).__name__)
 
     # ------------------------------------------------------------------ checkpointing
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
