@@ -18,7 +18,9 @@ full fine-tuning (AdamW, lr 3e-5 / 1e-4 / 3e-4), LoRA r = 16, 64, 256 with AdamW
 lr 3e-4 / 1e-3 / 3e-3; at r = 256 k_proj and v_proj, 192 wide, are left out: a rank-256 factor exceeds them)
 and LoRA-RITE at r = 16 (lr 3e-3 / 1e-2 / 3e-2). 200 steps of batch 16, cosine schedule with 10% warmup, bf16
 autocast; gradient clipping at 1 for AdamW runs (the paper's setting), none for LoRA-RITE (clipping the raw
-gradient breaks its invariance). Every run saves its weights every 50 steps (``--save-every``).
+gradient breaks its invariance). Every run saves its weights every 50 steps (``--save-every``). A grid whose
+best learning rate lies at an edge is widened one half-decade step past that edge (up to two steps per side),
+so every best learning rate ends inside its grid or is reported as at the edge.
 
 For every run and every saved step (``lorite.analysis.forgetting``): the target metric on validation, the
 perplexity of held-out Jane Austen chapters (English prose no run trains on) and length-normalised accuracy on
@@ -234,6 +236,60 @@ def plan(args, model_dir: Path, code_task: str) -> tuple[list[dict], dict[str, d
     # full fine-tuning and high ranks take longest: start them first
     run_jobs.sort(key=lambda j: (j["variant"]["method"] != "full", -j["variant"]["rank"]))
     return base_jobs + run_jobs, targets
+
+
+MAX_WIDENING = 2  # learning rates added beyond each edge of a grid, at most
+
+
+def next_lr(lr: float, upward: bool) -> float:
+    """The neighbour of ``lr`` on the half-decade ladder …, 1e-4, 3e-4, 1e-3, … (×3 from a 1, ×10/3 from a 3)."""
+    from_a_three = lr / 10 ** math.floor(math.log10(lr) + 1e-9) > 2
+    if upward:
+        factor = 10 / 3 if from_a_three else 3.0
+    else:
+        factor = 1 / 3 if from_a_three else 0.3
+    return float(f"{lr * factor:.0e}")
+
+
+def widen(jobs: list[dict], out: Path) -> list[dict]:
+    """New run jobs for every (target, method) whose grid has finished with its best validation score at an
+    edge: one learning rate beyond that edge (at most :data:`MAX_WIDENING` per side beyond the planned grid).
+    Reads finished runs from disk, so a resumed invocation widens the same way."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for job in jobs:
+        if job["kind"] == "run":
+            groups.setdefault((job["target"], job["variant"]["label"]), []).append(job)
+    added = []
+    for group in groups.values():
+        scores = {}
+        for job in group:
+            metrics = _read(out / job["dir"] / "metrics.json")
+            if metrics is None:
+                break
+            scores[job["lr"]] = -math.inf if metrics.get("diverged") else metrics["validation"]["score"]
+        else:
+            if len(scores) < 2:
+                continue
+            best = max(scores, key=lambda lr: (scores[lr], -lr))
+            planned = group[0]["variant"]["grid"]
+            if (
+                best == max(scores)
+                and best >= max(planned)
+                and len([lr for lr in scores if lr > max(planned)]) < MAX_WIDENING
+            ):
+                lr = next_lr(best, upward=True)
+            elif (
+                best == min(scores)
+                and best <= min(planned)
+                and len([lr for lr in scores if lr < min(planned)]) < MAX_WIDENING
+            ):
+                lr = next_lr(best, upward=False)
+            else:
+                continue
+            job = dict(group[0], lr=lr, config={**group[0]["config"], "lr": lr})
+            job["dir"] = job["dir"].rsplit("/lr", 1)[0] + f"/lr{lr:g}"
+            added.append(job)
+    return added
 
 
 # ------------------------------------------------------------------------------------------ one job
@@ -627,15 +683,21 @@ def main(argv: list[str] | None = None) -> int:
 
     code_name, prose_name = register_corpora(data, args.quick)
     jobs, targets = plan(args, resolve_model_dir(args.model), f"corpus:{code_name}")
+    while extra := widen(jobs, out):  # a resumed run: grids that finished at an edge, widened as before
+        jobs += extra
     print(f"{len(jobs)} jobs ({args.jobs} at a time), output in {out}", flush=True)
     pending = list(jobs)
     if args.jobs <= 1:
-        for job in pending:
+        while pending:
+            job = pending.pop(0)
             if time.time() - began > args.time_limit:
                 print("time limit: the remaining jobs are dropped", flush=True)
                 break
             run_job(job, str(out), str(data), args.quick, args.keep_snapshots)
             print(f"done {job.get('dir', 'base ' + job['target'])} ({time.time() - began:.0f} s)", flush=True)
+            extra = widen(jobs, out)
+            jobs += extra
+            pending += extra
             write_outputs(out, jobs, targets, args, began, prose_name)
     else:
         import multiprocessing
@@ -660,6 +722,13 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"done {name} ({time.time() - began:.0f} s)", flush=True)
                     except Exception as error:  # one failed run (e.g. out of memory) must not sink the rest
                         print(f"FAILED {name}: {type(error).__name__}: {str(error)[:300]}", flush=True)
+                extra = [
+                    j for j in widen(jobs, out) if j["dir"] not in {k["dir"] for k in in_flight.values()}
+                ]
+                for job in extra:
+                    print(f"widening: {job['dir']} (best lr at a grid edge)", flush=True)
+                jobs += extra
+                queue = extra + queue  # ahead of the rest: the method's grid is not finished without it
                 write_outputs(out, jobs, targets, args, began, prose_name)
         if queue:
             print(f"time limit: {len(queue)} jobs not started", flush=True)
