@@ -137,12 +137,11 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         check_output_dir(out, resume=False)
         _check_names([args.task], [args.optimizer])
         config = _base_config(args, args.task, args.optimizer, args.lr, args.seed)
-    results = finetune(config, out=out, resume=args.resume is not None)
-    print(
-        json.dumps(
-            {k: results.get(k) for k in ("validation", "test", "seconds_per_step")}, indent=1, default=str
-        )
-    )
+    if args.stop_after is not None and args.stop_after < 1:
+        raise LoriteError(f"--stop-after must be a positive number of steps, got {args.stop_after}")
+    results = finetune(config, out=out, resume=args.resume is not None, stop_after=args.stop_after)
+    keys = ("validation", "test", "seconds_per_step", "stopped_at")
+    print(json.dumps({k: results[k] for k in keys if k in results}, indent=1, default=str))
     print(f"adapter and metrics in {out}")
 
 
@@ -362,6 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--out", default="lorite-run")
     finetune.add_argument("--resume", default=None, help="continue the run whose checkpoint is in this dir")
     finetune.add_argument("--checkpoint-every", type=int, default=0)
+    finetune.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="end this session after N steps (as a preempted job would); continue it with --resume",
+    )
     _add_training_args(finetune)
     finetune.set_defaults(func=cmd_finetune)
 

@@ -31,9 +31,16 @@ def _finetune_args(model, task, out, optimizer):
     ]  # fmt: skip
 
 
-def _run(args, nproc):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if nproc == 1:
+def _run(args, nproc, accelerate_flags=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
+    env["OMP_NUM_THREADS"] = "1"
+    if accelerate_flags is not None:  # accelerate's own launcher (torchrun underneath), on CPU
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", *accelerate_flags, f"--num_processes={nproc}",
+            "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={_free_port()}",
+            "-m", "lorite.cli", *args,
+        ]  # fmt: skip
+    elif nproc == 1:
         command = [sys.executable, "-m", "lorite.cli", *args]
     else:
         command = [
@@ -54,16 +61,113 @@ def test_torchrun_equals_one_process(tmp_path, engine, optimizer):
     task = write_task(tmp_path / "task" / "task.json")
     _run(_finetune_args(model, task, tmp_path / "one", optimizer), 1)
     _run([*_finetune_args(model, task, tmp_path / "two", optimizer), "--parallel", engine], 2)
-    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
-    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    _assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+def _assert_same_run(one_dir, two_dir):
+    one = json.loads((one_dir / "metrics.json").read_text())
+    two = json.loads((two_dir / "metrics.json").read_text())
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert two["history"]["loss"] == pytest.approx(one["history"]["loss"], rel=1e-4)
     assert two["validation"]["score"] == pytest.approx(one["validation"]["score"], abs=1e-6)
-    weights_one = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
-    weights_two = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    weights_one = load_file(one_dir / "adapter" / "adapter_model.safetensors")
+    weights_two = load_file(two_dir / "adapter" / "adapter_model.safetensors")
     assert weights_one.keys() == weights_two.keys()
     for name, value in weights_one.items():
         torch.testing.assert_close(weights_two[name], value, rtol=1e-4, atol=1e-5)
+    return two
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_torchrun_preempted_and_resumed_equals_one_process(tmp_path, engine):
+    """2 ranks, checkpoint at step 2, the session ends there; ``--resume`` on 2 ranks finishes the run with
+    the same losses, validation score and adapter as one uninterrupted process. Snapshots are written."""
+    model = tiny_model_dir(tmp_path / "model")
+    task = write_task(tmp_path / "task" / "task.json")
+    _run(_finetune_args(model, task, tmp_path / "one", "lora_rite"), 1)
+    two = tmp_path / "two"
+    first = [*_finetune_args(model, task, two, "lora_rite"), "--parallel", engine]
+    _run([*first, "--checkpoint-every", "2", "--save-every", "2", "--stop-after", "2"], 2)
+    saved = json.loads((two / "checkpoint" / "train_state.json").read_text())
+    assert saved["step"] == 2 and saved["world_size"] == 2 and len(saved["history"]["loss"]) == 2
+    assert not (two / "metrics.json").exists()
+    _run(["finetune", "--resume", str(two)], 2)
+    _assert_same_run(tmp_path / "one", two)
+    snapshot = load_file(two / "snapshots" / "step_000002" / "adapter" / "adapter_model.safetensors")
+    final = load_file(two / "adapter" / "adapter_model.safetensors")
+    assert snapshot.keys() == final.keys()
+    assert any(not torch.equal(snapshot[k], final[k]) for k in final)  # steps 3-4 changed the adapter
+    # a checkpoint of 2 ranks is not resumed by one process
+    result = subprocess.run(
+        [sys.executable, "-m", "lorite.cli", "finetune", "--resume", str(two)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 2 and "same number of processes" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("flags", "engine"), [(["--multi_gpu"], "ddp"), (["--use_fsdp", "--fsdp_version=2"], "fsdp2")]
+)
+def test_accelerate_launch_equals_one_process(tmp_path, flags, engine):
+    """``accelerate launch`` without ``--parallel``: the engine follows accelerate's flags."""
+    pytest.importorskip("accelerate")
+    model = tiny_model_dir(tmp_path / "model")
+    task = write_task(tmp_path / "task" / "task.json")
+    _run(_finetune_args(model, task, tmp_path / "one", "lora_rite"), 1)
+    _run(_finetune_args(model, task, tmp_path / "two", "lora_rite"), 2, accelerate_flags=flags)
+    two = _assert_same_run(tmp_path / "one", tmp_path / "two")
+    assert two["config"]["parallel"] == engine
+
+
+@pytest.mark.parametrize(
+    ("env", "parallel", "expected"),
+    [
+        ({}, "none", "none"),
+        ({"WORLD_SIZE": "2"}, "ddp", "ddp"),  # torchrun: --parallel as given
+        ({"ACCELERATE_MIXED_PRECISION": "no", "WORLD_SIZE": "2"}, "none", "ddp"),
+        ({"ACCELERATE_MIXED_PRECISION": "no", "WORLD_SIZE": "1"}, "none", "none"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "WORLD_SIZE": "2"}, "none", "fsdp2"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "WORLD_SIZE": "2"}, "fsdp2", "fsdp2"),
+    ],
+)
+def test_engine_follows_accelerate(monkeypatch, env, parallel, expected):
+    from lorite.train.distributed import resolve_engine
+
+    for name in list(os.environ):
+        if name.startswith(("ACCELERATE_", "FSDP_")) or name == "WORLD_SIZE":
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert resolve_engine(parallel) == expected
+
+
+@pytest.mark.parametrize(
+    ("env", "parallel", "message"),
+    [
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "ddp", "DeepSpeed ZeRO is not supported"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "none", "FSDP version 1 is not supported"),
+        ({"ACCELERATE_USE_FSDP": "true"}, "fsdp2", "FSDP version 1 is not supported"),  # accelerate's default
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "ddp", "contradicts --parallel ddp"),
+    ],
+)
+def test_unsupported_accelerate_engines_are_refused(monkeypatch, tmp_path, capsys, env, parallel, message):
+    from lorite.cli import main
+
+    for name in list(os.environ):
+        if name.startswith(("ACCELERATE_", "FSDP_")):
+            monkeypatch.delenv(name)
+    for name, value in {**env, "WORLD_SIZE": "2", "ACCELERATE_MIXED_PRECISION": "no"}.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "run"
+    args = ["finetune", "--task", "social_iqa", "--device", "cpu", "--out", str(out), "--parallel", parallel]
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0]
+    if "not supported" in message:
+        assert "FSDP2" in error[0] and "DDP" in error[0]  # the error names what is supported
+    assert not out.exists()  # refused before anything was written
 
 
 def test_parallel_engine_is_checked(tmp_path):

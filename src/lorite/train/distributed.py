@@ -14,6 +14,11 @@ so ranks must run the same forwards); rank 0 writes the outputs.
   (:meth:`lorite.optim._base.PairOptimizer._step_pairs_gathered`).
 * FSDP1 and DeepSpeed ZeRO flatten parameters and are refused by the pair optimizers with an error that
   names the supported engines.
+
+``accelerate launch`` is read from the environment it sets (:func:`resolve_engine`): ``--multi_gpu`` means
+DDP, ``--use_fsdp --fsdp_version 2`` means FSDP2, so ``--parallel`` may be left out; ``--use_deepspeed``
+and FSDP version 1 are refused before the model is loaded, naming what is supported. lorite wraps the
+model itself (the same code path as under ``torchrun``); accelerate only starts the processes.
 """
 
 from __future__ import annotations
@@ -46,6 +51,46 @@ class World:
 
 def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+SUPPORTED = (
+    "supported: DDP (torchrun, or accelerate launch --multi_gpu, with --parallel ddp) and FSDP2 "
+    "(torchrun --parallel fsdp2, or accelerate launch --use_fsdp --fsdp_version 2)"
+)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def resolve_engine(engine: str) -> str:
+    """The engine to use: ``engine`` (``--parallel``) checked against what ``accelerate launch`` asked for.
+
+    * DeepSpeed (``ACCELERATE_USE_DEEPSPEED``) or FSDP version 1 (``ACCELERATE_USE_FSDP`` with
+      ``FSDP_VERSION`` ≠ 2): :class:`LoriteError` naming the supported engines — both flatten the LoRA
+      factors into 1-D shards that no pair optimizer can use;
+    * FSDP version 2: ``"fsdp2"`` (``--parallel`` may be left out; ``ddp`` contradicts it and is refused);
+    * any other multi-process accelerate launch: ``"ddp"`` when ``--parallel`` was left out.
+
+    Under ``torchrun`` (no accelerate variables) ``engine`` is returned unchanged.
+    """
+    if engine not in ENGINES:
+        raise LoriteError(f"--parallel must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        raise LoriteError(f"accelerate launch with DeepSpeed ZeRO is not supported; {SUPPORTED}")
+    if _env_flag("ACCELERATE_USE_FSDP"):
+        version = os.environ.get("FSDP_VERSION", "1").strip()
+        if version != "2":
+            raise LoriteError(f"accelerate launch with FSDP version {version} is not supported; {SUPPORTED}")
+        if engine == "ddp":
+            raise LoriteError(
+                "accelerate launch --use_fsdp contradicts --parallel ddp: give --parallel fsdp2"
+            )
+        return "fsdp2"
+    accelerate = any(name.startswith("ACCELERATE_") for name in os.environ)
+    if accelerate and engine == "none" and launched_world_size() > 1:
+        return "ddp"
+    return engine
 
 
 def setup(engine: str, device: torch.device) -> World:

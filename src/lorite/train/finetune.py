@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -214,12 +214,9 @@ def finetune(
     out = Path(out) if out is not None else None
     if out is not None:
         check_output_dir(out, resume)
+    config = replace(config, parallel=distributed.resolve_engine(config.parallel))  # accelerate launch
     world = distributed.setup(config.parallel, pick_device(config.device))
     device = world.device
-    if world.active and (resume or config.checkpoint_every or config.save_every):
-        raise LoriteError(
-            "checkpoints and snapshots are not supported under torchrun yet (single process only)"
-        )
     if world.active and config.parallel == "fsdp2" and config.method != "lora":
         raise LoriteError(f"--parallel fsdp2 supports --method lora only, got {config.method!r} (use ddp)")
     torch.manual_seed(config.seed)
@@ -243,7 +240,7 @@ def finetune(
     if resume:
         if out is None:
             raise LoriteError("resuming needs the run's output directory")
-        saved = load_checkpoint(out, model, optimizer, scheduler)
+        saved = load_checkpoint(out, model, optimizer, scheduler, world=world)
         start_step, history = saved["step"], saved["history"]
 
     use_bf16 = config.bf16 and device.type == "cuda"
@@ -293,11 +290,10 @@ def finetune(
                 }
             )
         if out is not None and config.save_every and done % config.save_every == 0 and done < config.steps:
-            method.save(model, out / SNAPSHOT_DIR / f"step_{done:06d}")
+            save_trained(model, method, world, out / SNAPSHOT_DIR / f"step_{done:06d}")
         if out is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
-            save_checkpoint(
-                out, model, optimizer, scheduler, {"step": done, "history": history, "config": asdict(config)}
-            )
+            train_state = {"step": done, "history": history, "config": asdict(config)}
+            save_checkpoint(out, model, optimizer, scheduler, train_state, world=world)
         if stop_after is not None and done >= stop_after:
             return {"config": asdict(config), "history": history, "stopped_at": done}
 
@@ -317,11 +313,18 @@ def finetune(
             results["test"] = evaluate_on_all_ranks(model, tokenizer, data, "test", config, progress, world)
     results["world_size"] = world.size
     if out is not None:
-        full = distributed.full_state_dict(model, world)  # FSDP2: gathered to CPU (a collective)
+        save_trained(model, method, world, out)
         if world.is_main:
-            if full is None:
-                method.save(distributed.unwrap(model), out)
-            else:
-                method.save(model, out, state_dict=full)
             atomic_write_text(out / "metrics.json", json.dumps(results, indent=1, default=str))
     return results
+
+
+def save_trained(model, method, world: distributed.World, folder: Path) -> None:
+    """The method's weights (adapter, or the whole model) into ``folder``, from rank 0. Under FSDP2 every
+    rank must call it: the full state dict is gathered first (a collective)."""
+    full = distributed.full_state_dict(model, world)
+    if world.is_main:
+        if full is None:
+            method.save(distributed.unwrap(model), folder)
+        else:
+            method.save(model, folder, state_dict=full)
