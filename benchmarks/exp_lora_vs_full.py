@@ -241,20 +241,12 @@ def plan(args, model_dir: Path, code_task: str) -> tuple[list[dict], dict[str, d
 MAX_WIDENING = 2  # learning rates added beyond each edge of a grid, at most
 
 
-def next_lr(lr: float, upward: bool) -> float:
-    """The neighbour of ``lr`` on the half-decade ladder …, 1e-4, 3e-4, 1e-3, … (×3 from a 1, ×10/3 from a 3)."""
-    from_a_three = lr / 10 ** math.floor(math.log10(lr) + 1e-9) > 2
-    if upward:
-        factor = 10 / 3 if from_a_three else 3.0
-    else:
-        factor = 1 / 3 if from_a_three else 0.3
-    return float(f"{lr * factor:.0e}")
-
-
 def widen(jobs: list[dict], out: Path) -> list[dict]:
     """New run jobs for every (target, method) whose grid has finished with its best validation score at an
     edge: one learning rate beyond that edge (at most :data:`MAX_WIDENING` per side beyond the planned grid).
     Reads finished runs from disk, so a resumed invocation widens the same way."""
+    from lorite.train.compare import neighbour_lr
+
     groups: dict[tuple[str, str], list[dict]] = {}
     for job in jobs:
         if job["kind"] == "run":
@@ -277,13 +269,13 @@ def widen(jobs: list[dict], out: Path) -> list[dict]:
                 and best >= max(planned)
                 and len([lr for lr in scores if lr > max(planned)]) < MAX_WIDENING
             ):
-                lr = next_lr(best, upward=True)
+                lr = neighbour_lr(best, upward=True)
             elif (
                 best == min(scores)
                 and best <= min(planned)
                 and len([lr for lr in scores if lr < min(planned)]) < MAX_WIDENING
             ):
-                lr = next_lr(best, upward=False)
+                lr = neighbour_lr(best, upward=False)
             else:
                 continue
             job = dict(group[0], lr=lr, config={**group[0]["config"], "lr": lr})

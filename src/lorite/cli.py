@@ -154,8 +154,9 @@ def _parse_list(text: str, what: str) -> list[str]:
 
 def _compare_config(path: str) -> dict:
     """A comparison described in a JSON file (see benchmarks/configs/): ``tasks``, ``optimizers`` (names or
-    labelled variants), ``lrs`` (``"auto"`` or label → list), ``seeds``, and ``training`` (FinetuneConfig
-    fields). Makes each results table reproducible by one command."""
+    labelled variants), ``lrs`` (``"auto"`` or label → list), ``seeds``, ``widen`` (extra learning rates
+    allowed past each grid edge, see ``lorite compare --widen``) and ``training`` (FinetuneConfig fields).
+    Makes each results table reproducible by one command."""
     from .train.finetune import FinetuneConfig
 
     try:
@@ -164,7 +165,7 @@ def _compare_config(path: str) -> dict:
         raise LoriteError(f"--config {path!r} does not exist") from error
     except json.JSONDecodeError as error:
         raise LoriteError(f"--config {path!r} is not valid JSON: {error}") from error
-    unknown = set(config) - {"description", "tasks", "optimizers", "lrs", "seeds", "training"}
+    unknown = set(config) - {"description", "tasks", "optimizers", "lrs", "seeds", "widen", "training"}
     if unknown:
         raise LoriteError(f"--config {path!r}: unknown keys {sorted(unknown)}")
     fields = set(FinetuneConfig.__dataclass_fields__) - {"task", "optimizer", "lr", "seed"}
@@ -183,6 +184,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         tasks, optimizers = config["tasks"], config["optimizers"]
         grids = parse_lrs(config.get("lrs", "auto"), optimizers)
         seeds = int(config.get("seeds", 1))
+        widen = config.get("widen", args.widen)
         base = FinetuneConfig(task=tasks[0], **config.get("training", {}))
     else:
         if not args.tasks:
@@ -191,12 +193,21 @@ def cmd_compare(args: argparse.Namespace) -> None:
         optimizers = _parse_list(args.optimizers, "optimizers")
         grids = parse_lrs(args.lrs, optimizers)
         seeds = args.seeds
+        widen = args.widen
         base = _base_config(args, tasks[0], optimizers[0], 0.0, 0)
     _check_names(tasks, [spec.optimizer for spec in parse_optimizers(optimizers)])
     out = Path(args.out)
     prepare_output(out)
     results = compare(
-        tasks, optimizers, grids, seeds, base, out, jobs=args.jobs, zero_shot=not args.no_zero_shot
+        tasks,
+        optimizers,
+        grids,
+        seeds,
+        base,
+        out,
+        jobs=args.jobs,
+        zero_shot=not args.no_zero_shot,
+        widen=widen,
     )
     _print_table(results)
     print(f"\nreport: {out / 'report.md'}   results: {out / 'results.json'}   plots: {out}/*.png")
@@ -378,6 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     comp.add_argument("--lrs", default="auto", help="'auto', '1e-4,3e-4,…', or 'adamw=1e-4:3e-4,lora_rite=…'")
     comp.add_argument("--seeds", type=int, default=1, help="seeds at each optimizer's best lr")
+    comp.add_argument(
+        "--widen",
+        type=int,
+        default=0,
+        help="when a best lr sits at a grid edge, try up to N half-decade steps past it (per side)",
+    )
     comp.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
     comp.add_argument("--out", default="lorite-compare")
     comp.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot baseline")

@@ -101,3 +101,72 @@ def test_parallel_comparison_equals_serial_one(tmp_path):
         assert one["best_lr"] == two["best_lr"]
         assert one["test_score"] == pytest.approx(two["test_score"], abs=1e-6)
         assert len(two["loss_curves"]) == 2
+
+
+def test_neighbour_lr_walks_the_half_decade_ladder():
+    from lorite.train.compare import neighbour_lr
+
+    assert [neighbour_lr(lr, upward=True) for lr in (1e-4, 3e-4, 1e-3, 3e-2)] == [3e-4, 1e-3, 3e-3, 1e-1]
+    assert [neighbour_lr(lr, upward=False) for lr in (1e-4, 3e-4, 1e-3, 3e-2)] == [3e-5, 1e-4, 3e-4, 1e-2]
+    assert neighbour_lr(5e-4, upward=True) == 2e-3  # off the ladder: ×√10, one digit
+    with pytest.raises(LoriteError, match="positive"):
+        neighbour_lr(0.0, upward=True)
+
+
+def _check_widened(info: dict, planned: list[float], widen: int) -> None:
+    """The grid grew past an edge only while its best sat there, by ladder steps, at most ``widen`` a side."""
+    from lorite.train.compare import neighbour_lr
+
+    grid = sorted(float(lr) for lr in info["grid"])
+    assert set(planned) <= set(grid)
+    above = [lr for lr in grid if lr > max(planned)]
+    below = [lr for lr in grid if lr < min(planned)]
+    assert len(above) <= widen and len(below) <= widen and (above or below), "a 2-point grid always widens"
+    ladder_up = [max(planned)]
+    for _ in above:
+        ladder_up.append(neighbour_lr(ladder_up[-1], upward=True))
+    assert above == pytest.approx(ladder_up[1:])
+    ladder_down = [min(planned)]
+    for _ in below:
+        ladder_down.append(neighbour_lr(ladder_down[-1], upward=False))
+    assert sorted(below) == pytest.approx(sorted(ladder_down[1:]))
+    best = info["best_lr"]
+    if best == grid[-1]:
+        assert len(above) == widen, "the best is at the top edge only when the widening budget is spent"
+    if best == grid[0]:
+        assert len(below) == widen, "the best is at the bottom edge only when the widening budget is spent"
+    assert info["best_lr_at_grid_edge"] == (best in (grid[0], grid[-1]))
+
+
+@pytest.mark.slow
+def test_widening_grows_a_grid_whose_best_sits_at_an_edge_and_jobs_do_not_change_it(tmp_path):
+    model = tiny_model_dir(tmp_path / "model")
+    task = f"file:{write_task(tmp_path / 'task' / 'task.json')}"
+    base = FinetuneConfig(
+        task="", model=str(model), rank=4, steps=3, batch_size=4, n_validation=16, n_test=16,
+        max_length=64, target_modules=["q_proj", "v_proj"], device="cpu",
+    )  # fmt: skip
+    planned = [1e-3, 3e-3]
+    serial = compare(
+        [task],
+        ["adamw"],
+        {"adamw": planned},
+        2,
+        base,
+        tmp_path / "s",
+        progress=False,
+        zero_shot=False,
+        widen=2,
+    )
+    info = serial["tasks"][task]["optimizers"]["adamw"]
+    _check_widened(info, planned, widen=2)
+    seeds = sorted((tmp_path / "s" / task.replace("/", "__") / "adamw").glob(f"lr{info['best_lr']:g}_seed*"))
+    assert len(seeds) == 2, "seeds run at the widened grid's best"
+    parallel = compare(
+        [task], ["adamw"], {"adamw": planned}, 2, base, tmp_path / "p", jobs=2, progress=False,
+        zero_shot=False, widen=2,
+    )  # fmt: skip
+    other = parallel["tasks"][task]["optimizers"]["adamw"]
+    assert other["grid"].keys() == info["grid"].keys() and other["best_lr"] == info["best_lr"]
+    with pytest.raises(LoriteError, match="widen"):
+        compare([task], ["adamw"], {"adamw": planned}, 1, base, tmp_path / "x", progress=False, widen=-1)

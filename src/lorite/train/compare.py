@@ -183,11 +183,14 @@ def compare(
     jobs: int = 1,
     progress: bool = True,
     zero_shot: bool = True,
+    widen: int = 0,
 ) -> dict:
     """Run the protocol of the module docstring; write ``results.json``, ``report.md`` and plots.
 
     ``optimizers``: registry names or labelled variants (see :func:`parse_optimizers`); ``grids`` maps each
-    label to its learning rates.
+    label to its learning rates. ``widen``: when an optimizer's best validation lr on a task lies at an edge
+    of its grid, run the next half-decade lr past that edge (:func:`neighbour_lr`), up to ``widen`` extra
+    rates per side, before its seeds; so each task's grid per optimizer can grow.
     """
     out = Path(out)
     specs = parse_optimizers(optimizers)
@@ -196,6 +199,8 @@ def compare(
         raise LoriteError(f"no learning-rate grid for {', '.join(missing)}")
     if seeds < 1:
         raise LoriteError(f"--seeds must be >= 1, got {seeds}")
+    if isinstance(widen, bool) or not isinstance(widen, int) or widen < 0:
+        raise LoriteError(f"widen must be a whole number >= 0, got {widen!r}")
     if (out / "results.json").exists():
         raise LoriteError(
             f"output dir {str(out)!r} already holds a comparison (results.json); use another --out"
@@ -225,19 +230,44 @@ def compare(
     # the previous task's last runs finish, and a task's seed runs go ahead of later tasks' grids.
     results: dict[RunSpec, dict] = {}
     best: dict[tuple[str, str], float] = {}
+    task_grids = {(t, s.label): sorted(grids[s.label]) for t in tasks for s in specs}
     grid_runs = {t: [RunSpec(t, s, lr, 0) for s in specs for lr in grids[s.label]] for t in tasks}
+
+    def widening(task: str, spec: OptimizerSpec) -> RunSpec | None:
+        """The next grid run of ``spec`` on ``task`` when its finished grid's best lr sits at an edge."""
+        grid = task_grids[(task, spec.label)]
+        if widen == 0 or len(grid) < 2 or any(RunSpec(task, spec, lr, 0) not in results for lr in grid):
+            return None
+        lr = _best_lr([(results[RunSpec(task, spec, g, 0)], g) for g in grid])
+        planned = grids[spec.label]
+        if lr == grid[-1] and sum(g > max(planned) for g in grid) < widen:
+            new = neighbour_lr(lr, upward=True)
+        elif lr == grid[0] and sum(g < min(planned) for g in grid) < widen:
+            new = neighbour_lr(lr, upward=False)
+        else:
+            return None
+        task_grids[(task, spec.label)] = sorted([*grid, new])
+        if progress:
+            print(
+                f"widening {task} {spec.label}: best lr {lr:g} at the grid's edge, adding {new:g}", flush=True
+            )
+        return RunSpec(task, spec, new, 0)
 
     def seed_runs(task: str) -> list[RunSpec]:
         for s in specs:
-            best[(task, s.label)] = _best_lr(
-                [(results[RunSpec(task, s, lr, 0)], lr) for lr in grids[s.label]]
-            )
+            grid = task_grids[(task, s.label)]
+            best[(task, s.label)] = _best_lr([(results[RunSpec(task, s, lr, 0)], lr) for lr in grid])
         return [RunSpec(task, s, best[(task, s.label)], seed) for s in specs for seed in range(seeds)]
 
     if jobs <= 1:
         for task in tasks:
-            for run in grid_runs[task]:
+            todo = list(grid_runs[task])
+            while todo:
+                run = todo.pop(0)
                 results[run] = execute(run)
+                extra = widening(task, run.spec)
+                if extra is not None:
+                    todo.insert(0, extra)
             for run in seed_runs(task):
                 if run not in results:
                     results[run] = execute(run)
@@ -259,22 +289,44 @@ def compare(
                 for future in done:
                     run = in_flight.pop(future)
                     results[run] = collect(run, future)
-                    if run in grid_runs[run.task] and run.seed == 0 and pending_grid[run.task] > 0:
-                        pending_grid[run.task] -= 1
-                        if pending_grid[run.task] == 0:  # this task's grid is complete: its seeds next
-                            extra = [r for r in seed_runs(run.task) if r not in results]
-                            ahead = [r for r in queue if tasks.index(r.task) <= tasks.index(run.task)]
-                            behind = [r for r in queue if tasks.index(r.task) > tasks.index(run.task)]
-                            queue = ahead + extra + behind
+                    if run.seed != 0 or run.lr not in task_grids[(run.task, run.spec.label)]:
+                        continue
+                    if pending_grid[run.task] == 0:
+                        continue  # a seed-0 run at the best lr, already a grid run
+                    pending_grid[run.task] -= 1
+                    extra = widening(run.task, run.spec)
+                    position = tasks.index(run.task)
+                    ahead = [r for r in queue if tasks.index(r.task) <= position]
+                    behind = [r for r in queue if tasks.index(r.task) > position]
+                    if extra is not None:  # the task's grid is not finished without it
+                        pending_grid[run.task] += 1
+                        queue = [extra, *ahead, *behind]
+                    elif pending_grid[run.task] == 0:  # this task's grid is complete: its seeds next
+                        queue = ahead + [r for r in seed_runs(run.task) if r not in results] + behind
     final = results
 
     baseline = {task: _zero_shot(replace(base, task=task), progress) for task in tasks} if zero_shot else {}
-    results = _summarise(tasks, specs, grids, seeds, final, best, baseline, base)
+    results = _summarise(tasks, specs, task_grids, seeds, final, best, baseline, base)
     atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=str))
     from .report import write_report
 
     write_report(results, out)
     return results
+
+
+def neighbour_lr(lr: float, upward: bool) -> float:
+    """The next learning rate on the half-decade ladder …, 1e-4, 3e-4, 1e-3, 3e-3, …: ×3 from a 1,
+    ×10/3 from a 3 (and back down). Rates off the ladder step by √10 and are rounded to one digit."""
+    if not (lr > 0 and math.isfinite(lr)):
+        raise LoriteError(f"a learning rate must be a positive number, got {lr}")
+    mantissa = lr / 10 ** math.floor(math.log10(lr))
+    if math.isclose(mantissa, 1.0, rel_tol=1e-6) or math.isclose(mantissa, 10.0, rel_tol=1e-6):
+        factor = 3.0 if upward else 0.3
+    elif math.isclose(mantissa, 3.0, rel_tol=1e-6):
+        factor = 10 / 3 if upward else 1 / 3
+    else:
+        factor = math.sqrt(10) if upward else 1 / math.sqrt(10)
+    return float(f"{lr * factor:.0e}")
 
 
 def _best_lr(scored: list[tuple[dict, float]]) -> float:
@@ -316,7 +368,7 @@ def _summarise(tasks, specs, grids, seeds, runs, best, baseline, base) -> dict:
             tests = [r["test"]["score"] if "test" in r else float("nan") for r in chosen]
             metric_names = [k for k in chosen[0].get("test", {}) if k not in ("score", "n", "samples")]
             per_metric = {m: _mean_std([r["test"][m] for r in chosen if "test" in r]) for m in metric_names}
-            lr_grid = grids[spec.label]
+            lr_grid = grids[(task, spec.label)]
             grid_runs = {f"{g:g}": runs[RunSpec(task, spec, g, 0)] for g in lr_grid}
             timing = [r["seconds_per_step"] for r in chosen if r.get("seconds_per_step")]
             entry["optimizers"][spec.label] = {
