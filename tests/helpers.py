@@ -128,3 +128,38 @@ def write_task(path, kind="multiple_choice", n=120, seed=0):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data))
     return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_lorite(args, processes=1, accelerate_flags=None, env=None, timeout=900):
+    """``python -m lorite.cli ARGS`` in a subprocess: alone, under ``torchrun`` (``processes > 1``), or under
+    ``accelerate launch`` with ``accelerate_flags``; accelerate's variables from this environment are
+    dropped. Asserts success and returns the completed process."""
+    import os
+    import subprocess
+    import sys
+
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
+    environment.update({"OMP_NUM_THREADS": "1", **(env or {})})
+    command = [sys.executable, "-m", "lorite.cli", *args]
+    if accelerate_flags is not None:  # accelerate's own launcher (torchrun underneath)
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", *accelerate_flags, f"--num_processes={processes}",
+            "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={free_port()}",
+            "-m", "lorite.cli", *args,
+        ]  # fmt: skip
+    elif processes > 1:
+        command = [
+            sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}",
+            f"--master-port={free_port()}", "-m", "lorite.cli", *args,
+        ]  # fmt: skip
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result

@@ -48,21 +48,33 @@ def fetch_distribution(name: str, version: str) -> Path:
     return target
 
 
+def temporary_sibling(target: Path) -> Path:
+    """A new empty directory next to ``target`` (same filesystem, so it can be renamed into place)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+
+
+def replace_directory(tmp: Path, target: Path) -> None:
+    """Put the finished directory ``tmp`` at ``target``, replacing what was there; ``target`` is never
+    missing or half-written for longer than between two renames."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        _remove_tree(old)
+    else:
+        os.replace(tmp, target)
+
+
 @contextmanager
 def atomic_directory(target: Path):
     """Yield a temporary sibling directory; on success it replaces ``target`` in one rename."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    tmp = temporary_sibling(target)
     try:
         yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            _remove_tree(old)
-        else:
-            os.replace(tmp, target)
+        replace_directory(tmp, target)
     finally:
         if tmp.exists():
             _remove_tree(tmp)

@@ -5,26 +5,16 @@ run in CI (tests/train/test_distributed.py); these need a machine with two or mo
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import tiny_model_dir, write_task
+from helpers import run_lorite, tiny_model_dir, write_task
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two or more GPUs"
 )
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _args(model, task, out):
@@ -38,16 +28,7 @@ def _args(model, task, out):
 
 
 def _run(args, gpus):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
-    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(gpus))
-    command = [sys.executable, "-m", "lorite.cli", *args]
-    if gpus > 1:
-        command = [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={gpus}",
-            f"--master-port={_free_port()}", "-m", "lorite.cli", *args,
-        ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_lorite(args, gpus, env={"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(gpus))})
 
 
 def _same(one_dir, two_dir):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,13 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import tiny_model_dir, write_task
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import run_lorite, tiny_model_dir, write_task
 
 
 def _finetune_args(model, task, out, optimizer):
@@ -31,27 +24,6 @@ def _finetune_args(model, task, out, optimizer):
     ]  # fmt: skip
 
 
-def _run(args, nproc, accelerate_flags=None):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
-    env["OMP_NUM_THREADS"] = "1"
-    if accelerate_flags is not None:  # accelerate's own launcher (torchrun underneath), on CPU
-        command = [
-            sys.executable, "-m", "accelerate.commands.launch", *accelerate_flags, f"--num_processes={nproc}",
-            "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={_free_port()}",
-            "-m", "lorite.cli", *args,
-        ]  # fmt: skip
-    elif nproc == 1:
-        command = [sys.executable, "-m", "lorite.cli", *args]
-    else:
-        command = [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-            f"--master-port={_free_port()}", "-m", "lorite.cli", *args,
-        ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(("engine", "optimizer"), [("ddp", "lora_rite"), ("fsdp2", "lora_rite")])
 def test_torchrun_equals_one_process(tmp_path, engine, optimizer):
@@ -59,12 +31,12 @@ def test_torchrun_equals_one_process(tmp_path, engine, optimizer):
         pytest.skip("torch.distributed is not available")
     model = tiny_model_dir(tmp_path / "model")
     task = write_task(tmp_path / "task" / "task.json")
-    _run(_finetune_args(model, task, tmp_path / "one", optimizer), 1)
-    _run([*_finetune_args(model, task, tmp_path / "two", optimizer), "--parallel", engine], 2)
-    _assert_same_run(tmp_path / "one", tmp_path / "two")
+    run_lorite(_finetune_args(model, task, tmp_path / "one", optimizer), 1)
+    run_lorite([*_finetune_args(model, task, tmp_path / "two", optimizer), "--parallel", engine], 2)
+    _assert_samerun_lorite(tmp_path / "one", tmp_path / "two")
 
 
-def _assert_same_run(one_dir, two_dir):
+def _assert_samerun_lorite(one_dir, two_dir):
     one = json.loads((one_dir / "metrics.json").read_text())
     two = json.loads((two_dir / "metrics.json").read_text())
     assert two["world_size"] == 2 and one["world_size"] == 1
@@ -85,15 +57,15 @@ def test_torchrun_preempted_and_resumed_equals_one_process(tmp_path, engine):
     the same losses, validation score and adapter as one uninterrupted process. Snapshots are written."""
     model = tiny_model_dir(tmp_path / "model")
     task = write_task(tmp_path / "task" / "task.json")
-    _run(_finetune_args(model, task, tmp_path / "one", "lora_rite"), 1)
+    run_lorite(_finetune_args(model, task, tmp_path / "one", "lora_rite"), 1)
     two = tmp_path / "two"
     first = [*_finetune_args(model, task, two, "lora_rite"), "--parallel", engine]
-    _run([*first, "--checkpoint-every", "2", "--save-every", "2", "--stop-after", "2"], 2)
+    run_lorite([*first, "--checkpoint-every", "2", "--save-every", "2", "--stop-after", "2"], 2)
     saved = json.loads((two / "checkpoint" / "train_state.json").read_text())
     assert saved["step"] == 2 and saved["world_size"] == 2 and len(saved["history"]["loss"]) == 2
     assert not (two / "metrics.json").exists()
-    _run(["finetune", "--resume", str(two)], 2)
-    _assert_same_run(tmp_path / "one", two)
+    run_lorite(["finetune", "--resume", str(two)], 2)
+    _assert_samerun_lorite(tmp_path / "one", two)
     snapshot = load_file(two / "snapshots" / "step_000002" / "adapter" / "adapter_model.safetensors")
     final = load_file(two / "adapter" / "adapter_model.safetensors")
     assert snapshot.keys() == final.keys()
@@ -115,9 +87,9 @@ def test_accelerate_launch_equals_one_process(tmp_path, flags, engine):
     pytest.importorskip("accelerate")
     model = tiny_model_dir(tmp_path / "model")
     task = write_task(tmp_path / "task" / "task.json")
-    _run(_finetune_args(model, task, tmp_path / "one", "lora_rite"), 1)
-    _run(_finetune_args(model, task, tmp_path / "two", "lora_rite"), 2, accelerate_flags=flags)
-    two = _assert_same_run(tmp_path / "one", tmp_path / "two")
+    run_lorite(_finetune_args(model, task, tmp_path / "one", "lora_rite"), 1)
+    run_lorite(_finetune_args(model, task, tmp_path / "two", "lora_rite"), 2, accelerate_flags=flags)
+    two = _assert_samerun_lorite(tmp_path / "one", tmp_path / "two")
     assert two["config"]["parallel"] == engine
 
 

@@ -11,7 +11,6 @@ reads back its own part. Such a checkpoint resumes under the same engine and num
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -121,19 +120,16 @@ def load_checkpoint(
 
 # ------------------------------------------------------------------ several ranks
 def _save_distributed(run_dir: Path, model, optimizer, scheduler, train_state: dict, world) -> Path:
-    import tempfile
-
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from ..cache import _remove_tree
+    from ..cache import _remove_tree, replace_directory, temporary_sibling
 
     target = run_dir / CHECKPOINT_DIR
     name = [None]
     if world.is_main:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        name = [tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-")]
+        name = [str(temporary_sibling(target))]
     dist.broadcast_object_list(name, src=0)  # one temporary directory for every rank
     tmp = Path(name[0])
     rngs = [None] * world.size
@@ -146,13 +142,7 @@ def _save_distributed(run_dir: Path, model, optimizer, scheduler, train_state: d
             (tmp / "train_state.json").write_text(
                 json.dumps({**train_state, "world_size": world.size}, indent=1)
             )
-            if target.exists():
-                old = target.with_name(f".{target.name}.old-{os.getpid()}")
-                os.replace(target, old)
-                os.replace(tmp, target)
-                _remove_tree(old)
-            else:
-                os.replace(tmp, target)
+            replace_directory(tmp, target)
     finally:
         dist.barrier()  # nobody goes on (or reads the checkpoint) before rank 0 has renamed it
         if world.is_main and tmp.exists():
