@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 from collections import Counter
 
 import pytest
 import torch
 
+from helpers import free_port
 from lorite.data.lfr import LFRConfig, LFRSampler, eval_pass_scorer, keep_size
 from lorite.errors import LoriteError
 
@@ -289,34 +289,19 @@ def _ddp_worker(rank, world, port, out_dir):
             sampler = LFRSampler(
                 41, BATCH // world, 40, seed=5, rank=rank, world_size=world, ppl_source=source
             )
-            loss = difficulty(1, 41)
-            drawn = []
-            for _ in range(40):
-                if sampler.evaluation_due():
-                    sampler.run_evaluation_pass(lambda ids, loss=loss: loss[ids])
-                    loss = difficulty(2, 41)
-                idx = sampler.next_indices()
-                drawn.append(idx)
-                if sampler.phase.name == "review":
-                    loss = difficulty(2, 41)
-                sampler.observe(idx, loss[idx])
-            results[source] = dict(drawn=torch.stack(drawn), state=sampler.state_dict())
+            drawn, state = _drive(sampler)
+            results[source] = dict(drawn=drawn, state=state)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _single_process(source):
-    sampler = LFRSampler(41, BATCH, 40, seed=5, ppl_source=source)
+def _drive(sampler, steps=40):
+    """40 steps of ``sampler`` on 41 blocks whose difficulty changes once the review starts (and after
+    every evaluation pass); returns the drawn indices and the final state."""
     loss = difficulty(1, 41)
     drawn = []
-    for _ in range(40):
+    for _ in range(steps):
         if sampler.evaluation_due():
             sampler.run_evaluation_pass(lambda ids, loss=loss: loss[ids])
             loss = difficulty(2, 41)
@@ -328,6 +313,10 @@ def _single_process(source):
     return torch.stack(drawn), sampler.state_dict()
 
 
+def _single_process(source):
+    return _drive(LFRSampler(41, BATCH, 40, seed=5, ppl_source=source))
+
+
 @pytest.mark.slow
 def test_ddp_disjoint_shards_and_identical_tables(tmp_path):
     import torch.distributed as dist
@@ -335,7 +324,7 @@ def test_ddp_disjoint_shards_and_identical_tables(tmp_path):
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available in this torch build")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for source in ("train_forward", "eval_pass"):
         r0, r1 = ranks[0][source], ranks[1][source]

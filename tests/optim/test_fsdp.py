@@ -10,14 +10,13 @@ process that sees the same global batch; first moments are DTensors with the fac
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from helpers import batches, tiny_peft
+from helpers import batches, free_port, tiny_peft
 from lorite.optim import create
 
 PAIR_OPTIMIZERS = {  # name -> lr
@@ -106,18 +105,12 @@ def _worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [3])
 def test_fsdp2_ranks_equal_single_process_for_every_pair_optimizer(tmp_path, world):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available in this torch build")
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     initial = {n: p.detach() for n, p in tiny_peft(r=2).named_parameters() if p.requires_grad}
     for name in PAIR_OPTIMIZERS:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from helpers import free_port
 from lorite.data.blocks import build_token_cache
 from lorite.train.pretrain import PretrainConfig, pretrain
 from pretraining_data import char_tokenizer, synthetic_corpora
@@ -35,12 +35,6 @@ def _worker(rank, world, port, cache, out):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_ranks_follow_the_single_process(tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
@@ -49,7 +43,7 @@ def test_two_ranks_follow_the_single_process(tmp_path):
         ["prose", "code"], char_tokenizer(), 32, documents=synthetic_corpora(), root=tmp_path
     )
     single = pretrain(_config(cache, batch_size=8), tmp_path / "single")
-    mp.spawn(_worker, args=(2, _free_port(), cache, tmp_path / "ddp"), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), cache, tmp_path / "ddp"), nprocs=2, join=True)
     ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert ddp["total_steps"] == single["total_steps"] == 6 and ddp["tokens_per_step"] == 256
     for a, b in zip(ddp["validation"], single["validation"]):
