@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 import torch
 
-from helpers import free_port
+from helpers import free_port, spawn_ranks
 from lorite.data.lfr import LFRConfig, LFRSampler, eval_pass_scorer, keep_size
 from lorite.errors import LoriteError
 
@@ -320,11 +320,10 @@ def _single_process(source):
 @pytest.mark.slow
 def test_ddp_disjoint_shards_and_identical_tables(tmp_path):
     import torch.distributed as dist
-    import torch.multiprocessing as mp
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available in this torch build")
-    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_ddp_worker, (2, free_port(), str(tmp_path)), 2, [tmp_path / f"rank{r}.pt" for r in range(2)])
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for source in ("train_forward", "eval_pass"):
         r0, r1 = ranks[0][source], ranks[1][source]

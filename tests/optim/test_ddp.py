@@ -8,9 +8,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from helpers import batches, free_port, tiny_peft
+from helpers import batches, free_port, spawn_ranks, tiny_peft
 from lorite.optim import LoRARite
 
 STEPS = 5
@@ -52,7 +51,8 @@ def _worker(rank, world, port, variant, out_dir):
 def test_ddp_two_ranks_equal_single_process(tmp_path, variant):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available in this torch build")
-    mp.spawn(_worker, args=(2, free_port(), variant, str(tmp_path)), nprocs=2, join=True)
+    outputs = [tmp_path / f"rank{r}.pt" for r in range(2)]
+    spawn_ranks(_worker, (2, free_port(), variant, str(tmp_path)), 2, outputs)
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for name in rank0:

@@ -14,9 +14,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from helpers import batches, free_port, tiny_peft
+from helpers import batches, free_port, spawn_ranks, tiny_peft
 from lorite.optim import create
 
 PAIR_OPTIMIZERS = {  # name -> lr
@@ -110,15 +109,9 @@ def _worker(rank, world, port, out_dir):
 def test_fsdp2_ranks_equal_single_process_for_every_pair_optimizer(tmp_path, world):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available in this torch build")
-    try:
-        mp.spawn(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
-    except mp.ProcessExitedException as error:
-        # Seen once in ~25 full-suite runs: a gloo worker aborted by glibc ("malloc(): unaligned tcache
-        # chunk detected") inside torch's native code. A worker killed by a signal gets one more try; a
-        # Python exception or a wrong number never does (they fail the test below or raise here).
-        if error.signal_name is None:
-            raise
-        mp.spawn(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
+    spawn_ranks(
+        _worker, (world, free_port(), str(tmp_path)), world, [tmp_path / f"rank{r}.pt" for r in range(world)]
+    )
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     initial = {n: p.detach() for n, p in tiny_peft(r=2).named_parameters() if p.requires_grad}
     for name in PAIR_OPTIMIZERS:

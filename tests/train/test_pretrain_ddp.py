@@ -9,10 +9,9 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from helpers import free_port
+from helpers import free_port, spawn_ranks
 from lorite.data.blocks import build_token_cache
 from lorite.train.pretrain import PretrainConfig, pretrain
 from pretraining_data import char_tokenizer, synthetic_corpora
@@ -43,7 +42,8 @@ def test_two_ranks_follow_the_single_process(tmp_path):
         ["prose", "code"], char_tokenizer(), 32, documents=synthetic_corpora(), root=tmp_path
     )
     single = pretrain(_config(cache, batch_size=8), tmp_path / "single")
-    mp.spawn(_worker, args=(2, free_port(), cache, tmp_path / "ddp"), nprocs=2, join=True)
+    ddp_dir = tmp_path / "ddp"
+    spawn_ranks(_worker, (2, free_port(), cache, ddp_dir), 2, [ddp_dir / "metrics.json"], reset=[ddp_dir])
     ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert ddp["total_steps"] == single["total_steps"] == 6 and ddp["tokens_per_step"] == 256
     for a, b in zip(ddp["validation"], single["validation"]):

@@ -1,0 +1,40 @@
+"""The test helpers that decide outcomes: spawn_ranks accepts a signal-killed worker only after its work."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch.multiprocessing as mp
+
+from helpers import spawn_ranks
+
+
+def _write_then_abort(rank, folder):
+    open(os.path.join(folder, f"rank{rank}.txt"), "w").close()
+    os.abort()  # SIGABRT after the work, as gloo's shutdown crash
+
+
+def _abort_before_writing(rank, folder):
+    with open(os.path.join(folder, "attempts.txt"), "a") as log:
+        log.write("x")
+    os.abort()
+
+
+def _raise(rank, folder):
+    raise ValueError("a wrong result")
+
+
+def test_spawn_ranks_accepts_a_crash_after_the_work(tmp_path):
+    spawn_ranks(_write_then_abort, (str(tmp_path),), 2, [tmp_path / f"rank{r}.txt" for r in range(2)])
+
+
+def test_spawn_ranks_retries_once_then_fails_when_the_work_is_missing(tmp_path):
+    with pytest.raises(mp.ProcessExitedException):
+        spawn_ranks(_abort_before_writing, (str(tmp_path),), 1, [tmp_path / "rank0.txt"])
+    assert (tmp_path / "attempts.txt").read_text() == "xx"
+
+
+def test_spawn_ranks_never_retries_an_exception(tmp_path):
+    with pytest.raises(mp.ProcessRaisedException, match="a wrong result"):
+        spawn_ranks(_raise, (str(tmp_path),), 1, [tmp_path / "missing"])
