@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch.multiprocessing as mp
@@ -10,8 +11,15 @@ import torch.multiprocessing as mp
 from helpers import spawn_ranks
 
 
-def _write_then_abort(rank, folder):
+def _write_then_abort(rank, folder, world_size=2):
     open(os.path.join(folder, f"rank{rank}.txt"), "w").close()
+    # Wait for every rank's file, as the gloo tests' ranks meet in a collective before shutdown: without
+    # it the first abort makes spawn terminate a rank that has not written yet.
+    deadline = time.monotonic() + 60
+    while not all(os.path.exists(os.path.join(folder, f"rank{r}.txt")) for r in range(world_size)):
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.01)
     os.abort()  # SIGABRT after the work, as gloo's shutdown crash
 
 
