@@ -72,3 +72,19 @@ def test_finetune_resume_from_the_command_line(capsys, files, tmp_path):
     (out / "metrics.json").unlink()
     code, _ = run(capsys, ["finetune", "--resume", str(out)])
     assert code == 0 and (out / "metrics.json").exists()
+
+
+def test_compare_progress_prints_the_partial_table_and_trains_nothing(capsys, files, tmp_path):
+    _, task = files
+    name, out = f"file:{task}", tmp_path / "cmp"
+    folder = out / name.replace("/", "__") / "adamw" / "lr0.001_seed0"
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"validation": {"score": 0.25}, "test": {"score": 0.2}}))
+    argv = ["compare", "--tasks", name, "--optimizers", "adamw", "--lrs", "1e-3,3e-3", "--progress"]
+    assert main([*argv, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Runs finished: 1; known to be left: 1; seed runs after the grids still running: 0" in printed
+    assert "| adamw | 1e-3: 25.0, 3e-3: · | 1e-3 (so far) | after the grid |" in printed
+    assert sorted(p.name for p in out.iterdir()) == [name.replace("/", "__")], "nothing written"
+    code, err = run(capsys, [*argv, "--out", str(tmp_path / "none")])
+    assert code == 2 and len(err) == 1 and "is not a folder" in err[0], err

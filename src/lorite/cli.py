@@ -176,7 +176,14 @@ def _compare_config(path: str) -> dict:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from .train.compare import compare, parse_lrs, parse_optimizers, prepare_output
+    from .train.compare import (
+        compare,
+        compare_progress,
+        parse_lrs,
+        parse_optimizers,
+        prepare_output,
+        progress_markdown,
+    )
     from .train.finetune import FinetuneConfig
 
     if args.config:
@@ -197,6 +204,10 @@ def cmd_compare(args: argparse.Namespace) -> None:
         base = _base_config(args, tasks[0], optimizers[0], 0.0, 0)
     _check_names(tasks, [spec.optimizer for spec in parse_optimizers(optimizers)])
     out = Path(args.out)
+    if args.progress:
+        report = compare_progress(tasks, optimizers, grids, seeds, out, widen=widen)
+        print(progress_markdown(report), end="")
+        return
     prepare_output(out)
     results = compare(
         tasks,
@@ -398,6 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
     comp.add_argument("--out", default="lorite-compare")
     comp.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot baseline")
+    comp.add_argument(
+        "--progress",
+        action="store_true",
+        help="train nothing: print what --out holds (partial tables) and which runs are left",
+    )
     _add_training_args(comp)
     comp.set_defaults(func=cmd_compare)
 

@@ -152,6 +152,61 @@ class RunSpec:
         return f"{self.task.replace('/', '__')}/{self.spec.label.replace('/', '__')}/lr{self.lr:g}_seed{self.seed}"
 
 
+class _Schedule:
+    """Which runs a comparison needs, given the runs finished so far (``results``).
+
+    Per task and optimizer: the planned grid with seed 0; while the finished grid's best validation lr sits
+    at an edge, the next half-decade lr past it (at most ``widen`` per side); then ``seeds`` runs at the
+    best lr. :func:`compare` executes it; :func:`compare_progress` only reads it against the disk."""
+
+    def __init__(self, tasks, specs, grids, seeds, widen, verbose):
+        self.specs, self.grids, self.seeds, self.widen, self.verbose = specs, grids, seeds, widen, verbose
+        self.results: dict[RunSpec, dict] = {}
+        self.best: dict[tuple[str, str], float] = {}
+        self.task_grids = {(t, s.label): sorted(grids[s.label]) for t in tasks for s in specs}
+        self.grid_runs = {t: [RunSpec(t, s, lr, 0) for s in specs for lr in grids[s.label]] for t in tasks}
+
+    def grid_finished(self, task: str, spec: OptimizerSpec) -> bool:
+        return all(RunSpec(task, spec, lr, 0) in self.results for lr in self.task_grids[(task, spec.label)])
+
+    def best_lr(self, task: str, spec: OptimizerSpec) -> float:
+        """The best validation lr among the finished grid runs of ``spec`` on ``task``."""
+        scored = [
+            (self.results[RunSpec(task, spec, lr, 0)], lr)
+            for lr in self.task_grids[(task, spec.label)]
+            if RunSpec(task, spec, lr, 0) in self.results
+        ]
+        return _best_lr(scored)
+
+    def widening(self, task: str, spec: OptimizerSpec) -> RunSpec | None:
+        """The next grid run of ``spec`` on ``task`` when its finished grid's best lr sits at an edge."""
+        grid = self.task_grids[(task, spec.label)]
+        if self.widen == 0 or len(grid) < 2 or not self.grid_finished(task, spec):
+            return None
+        lr = self.best_lr(task, spec)
+        planned = self.grids[spec.label]
+        if lr == grid[-1] and sum(g > max(planned) for g in grid) < self.widen:
+            new = neighbour_lr(lr, upward=True)
+        elif lr == grid[0] and sum(g < min(planned) for g in grid) < self.widen:
+            new = neighbour_lr(lr, upward=False)
+        else:
+            return None
+        self.task_grids[(task, spec.label)] = sorted([*grid, new])
+        if self.verbose:
+            print(
+                f"widening {task} {spec.label}: best lr {lr:g} at the grid's edge, adding {new:g}", flush=True
+            )
+        return RunSpec(task, spec, new, 0)
+
+    def seed_runs(self, task: str, specs: list[OptimizerSpec] | None = None) -> list[RunSpec]:
+        """The seed runs at the best lr of each of ``specs`` (default: all), whose grids are finished."""
+        runs = []
+        for spec in self.specs if specs is None else specs:
+            self.best[(task, spec.label)] = self.best_lr(task, spec)
+            runs += [RunSpec(task, spec, self.best[(task, spec.label)], seed) for seed in range(self.seeds)]
+        return runs
+
+
 def _execute(base: dict[str, Any], run: RunSpec, out: str, progress: bool) -> tuple[RunSpec, dict]:
     """One run (in a worker process when jobs > 1). A finished run is read back, not redone."""
     folder = Path(out) / run.folder
@@ -228,55 +283,26 @@ def compare(
     # Tasks are finished one after another (grid, then seeds at the best lr) so that an interrupted
     # comparison leaves whole tasks behind; with jobs > 1 the next task's grid fills idle workers while
     # the previous task's last runs finish, and a task's seed runs go ahead of later tasks' grids.
-    results: dict[RunSpec, dict] = {}
-    best: dict[tuple[str, str], float] = {}
-    task_grids = {(t, s.label): sorted(grids[s.label]) for t in tasks for s in specs}
-    grid_runs = {t: [RunSpec(t, s, lr, 0) for s in specs for lr in grids[s.label]] for t in tasks}
-
-    def widening(task: str, spec: OptimizerSpec) -> RunSpec | None:
-        """The next grid run of ``spec`` on ``task`` when its finished grid's best lr sits at an edge."""
-        grid = task_grids[(task, spec.label)]
-        if widen == 0 or len(grid) < 2 or any(RunSpec(task, spec, lr, 0) not in results for lr in grid):
-            return None
-        lr = _best_lr([(results[RunSpec(task, spec, g, 0)], g) for g in grid])
-        planned = grids[spec.label]
-        if lr == grid[-1] and sum(g > max(planned) for g in grid) < widen:
-            new = neighbour_lr(lr, upward=True)
-        elif lr == grid[0] and sum(g < min(planned) for g in grid) < widen:
-            new = neighbour_lr(lr, upward=False)
-        else:
-            return None
-        task_grids[(task, spec.label)] = sorted([*grid, new])
-        if progress:
-            print(
-                f"widening {task} {spec.label}: best lr {lr:g} at the grid's edge, adding {new:g}", flush=True
-            )
-        return RunSpec(task, spec, new, 0)
-
-    def seed_runs(task: str) -> list[RunSpec]:
-        for s in specs:
-            grid = task_grids[(task, s.label)]
-            best[(task, s.label)] = _best_lr([(results[RunSpec(task, s, lr, 0)], lr) for lr in grid])
-        return [RunSpec(task, s, best[(task, s.label)], seed) for s in specs for seed in range(seeds)]
-
+    schedule = _Schedule(tasks, specs, grids, seeds, widen, progress)
+    results = schedule.results
     if jobs <= 1:
         for task in tasks:
-            todo = list(grid_runs[task])
+            todo = list(schedule.grid_runs[task])
             while todo:
                 run = todo.pop(0)
                 results[run] = execute(run)
-                extra = widening(task, run.spec)
+                extra = schedule.widening(task, run.spec)
                 if extra is not None:
                     todo.insert(0, extra)
-            for run in seed_runs(task):
+            for run in schedule.seed_runs(task):
                 if run not in results:
                     results[run] = execute(run)
     else:
         import multiprocessing
         from concurrent.futures import FIRST_COMPLETED, wait
 
-        queue = [run for task in tasks for run in grid_runs[task]]  # in priority order
-        pending_grid = {task: len(grid_runs[task]) for task in tasks}
+        queue = [run for task in tasks for run in schedule.grid_runs[task]]  # in priority order
+        pending_grid = {task: len(schedule.grid_runs[task]) for task in tasks}
         in_flight: dict = {}
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             while queue or in_flight:
@@ -289,12 +315,12 @@ def compare(
                 for future in done:
                     run = in_flight.pop(future)
                     results[run] = collect(run, future)
-                    if run.seed != 0 or run.lr not in task_grids[(run.task, run.spec.label)]:
+                    if run.seed != 0 or run.lr not in schedule.task_grids[(run.task, run.spec.label)]:
                         continue
                     if pending_grid[run.task] == 0:
                         continue  # a seed-0 run at the best lr, already a grid run
                     pending_grid[run.task] -= 1
-                    extra = widening(run.task, run.spec)
+                    extra = schedule.widening(run.task, run.spec)
                     position = tasks.index(run.task)
                     ahead = [r for r in queue if tasks.index(r.task) <= position]
                     behind = [r for r in queue if tasks.index(r.task) > position]
@@ -302,16 +328,143 @@ def compare(
                         pending_grid[run.task] += 1
                         queue = [extra, *ahead, *behind]
                     elif pending_grid[run.task] == 0:  # this task's grid is complete: its seeds next
-                        queue = ahead + [r for r in seed_runs(run.task) if r not in results] + behind
-    final = results
-
+                        queue = ahead + [r for r in schedule.seed_runs(run.task) if r not in results] + behind
     baseline = {task: _zero_shot(replace(base, task=task), progress) for task in tasks} if zero_shot else {}
-    results = _summarise(tasks, specs, task_grids, seeds, final, best, baseline, base)
+    results = _summarise(tasks, specs, schedule.task_grids, seeds, results, schedule.best, baseline, base)
     atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=str))
     from .report import write_report
 
     write_report(results, out)
     return results
+
+
+def compare_progress(
+    tasks: list[str],
+    optimizers: list[Any],
+    grids: dict[str, list[float]],
+    seeds: int,
+    out: str | Path,
+    widen: int = 0,
+) -> dict:
+    """What ``out`` holds of a comparison and which runs are left; trains nothing.
+
+    The same schedule as :func:`compare` (grids widened past an edge best, seeds at the best lr), read
+    against the runs' ``metrics.json``, so an interrupted comparison (a lease that ended, a killed job)
+    shows its partial table and what the next ``lorite compare`` with the same arguments will run.
+
+    Returns ``{"finished", "left", "waiting", "other_runs", "tasks": {task: {label: {"grid": {lr: validation
+    score, None (not run) or NaN (diverged)}, "grid_finished", "best_lr", "tests": {seed: test score or
+    None}}}}}``: ``left`` counts the runs known to be missing; ``waiting`` the seed runs that follow grids
+    not yet finished (a grid that widens adds to both later); ``other_runs`` the run folders in ``out`` that
+    the schedule does not use (e.g. seeds at a best lr that a widened grid has since replaced). A best lr
+    from an unfinished grid is provisional (``grid_finished`` false).
+    """
+    out = Path(out)
+    specs = parse_optimizers(optimizers)
+    missing_grids = [s.label for s in specs if s.label not in grids]
+    if missing_grids:
+        raise LoriteError(f"no learning-rate grid for {', '.join(missing_grids)}")
+    if not out.is_dir():
+        raise LoriteError(f"{str(out)!r} is not a folder: no comparison to report on")
+    schedule = _Schedule(tasks, specs, grids, seeds, widen, verbose=False)
+
+    def stored(run: RunSpec) -> bool:
+        file = out / run.folder / "metrics.json"
+        if run not in schedule.results and file.exists():
+            schedule.results[run] = json.loads(file.read_text())
+        return run in schedule.results
+
+    report: dict[str, Any] = {"out": str(out), "seeds": seeds, "finished": 0, "left": 0, "waiting": 0}
+    report["tasks"] = {}
+    for task in tasks:
+        entry = report["tasks"][task] = {}
+        for spec in specs:
+            missing = [r for r in schedule.grid_runs[task] if r.spec == spec and not stored(r)]
+            while not missing and (extra := schedule.widening(task, spec)) is not None:
+                if not stored(extra):
+                    missing.append(extra)
+            grid = {
+                lr: _validation_score(schedule.results.get(RunSpec(task, spec, lr, 0)))
+                for lr in schedule.task_grids[(task, spec.label)]
+            }
+            finished = not missing
+            best = schedule.best_lr(task, spec) if any(v is not None for v in grid.values()) else None
+            tests: dict[int, float | None] = {}
+            if finished:
+                for run in schedule.seed_runs(task, [spec]):
+                    tests[run.seed] = (
+                        schedule.results[run].get("test", {}).get("score") if stored(run) else None
+                    )
+            else:
+                report["waiting"] += seeds - 1  # seed 0 at the best lr is a grid run
+            report["left"] += len(missing) + sum(v is None for v in tests.values())
+            entry[spec.label] = {"grid": grid, "grid_finished": finished, "best_lr": best, "tests": tests}
+    report["finished"] = len(schedule.results)
+    scheduled = {(out / run.folder).resolve() for run in schedule.results}
+    report["other_runs"] = sorted(
+        str(file.parent.relative_to(out))
+        for file in out.glob("*/*/*/metrics.json")
+        if file.parent.resolve() not in scheduled
+    )
+    return report
+
+
+def lr_text(lr: float) -> str:
+    """A learning rate as papers write it: 3e-4, 1e-2, 2.5e-3."""
+    mantissa, exponent = f"{lr:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def _validation_score(result: dict | None) -> float | None:
+    """None: not run yet; NaN: diverged or failed."""
+    if result is None:
+        return None
+    value = result.get("validation", {}).get("score")
+    return math.nan if value is None or result.get("diverged") else value
+
+
+def progress_markdown(report: dict) -> str:
+    """:func:`compare_progress`'s report as Markdown: per task, validation per lr and test at the best lr."""
+
+    def pct(value: float | None) -> str:
+        return "·" if value is None else "diverged" if math.isnan(value) else f"{100 * value:.1f}"
+
+    lines = [
+        f"# lorite compare: progress of {report['out']}",
+        "",
+        f"Runs finished: {report['finished']}; known to be left: {report['left']}; seed runs after the grids "
+        f"still running: {report['waiting']} (a grid whose best lr sits at an edge widens). `·`: not run yet.",
+    ]
+    if report["other_runs"]:
+        lines += [
+            "",
+            f"{len(report['other_runs'])} run folders here are not part of this schedule (e.g. seeds at a best "
+            "lr that a widened grid replaced): " + ", ".join(report["other_runs"]),
+        ]
+    for task, entry in report["tasks"].items():
+        done = sum(info["grid_finished"] for info in entry.values())
+        lines += [
+            "",
+            f"## {task}: {done} of {len(entry)} grids finished",
+            "",
+            f"| optimizer | validation ×100 per lr (seed 0) | best lr | test ×100 at the best lr, "
+            f"{report['seeds']} seeds |",
+            "|---|---|---|---|",
+        ]
+        for label, info in entry.items():
+            grid = ", ".join(f"{lr_text(lr)}: {pct(score)}" for lr, score in info["grid"].items())
+            best = "·" if info["best_lr"] is None else lr_text(info["best_lr"])
+            if not info["grid_finished"]:
+                best += " (so far)" if info["best_lr"] is not None else ""
+                test = "after the grid"
+            else:
+                scores = [v for v in info["tests"].values() if v is not None]
+                test = " ".join(pct(v) for v in info["tests"].values())
+                if len(scores) > 1:
+                    mean, std = _mean_std(scores)
+                    test += f" → {100 * mean:.1f} ± {100 * std:.1f}"
+            lines.append(f"| {label} | {grid} | {best} | {test} |")
+    return "\n".join(lines) + "\n"
 
 
 def neighbour_lr(lr: float, upward: bool) -> float:
