@@ -454,7 +454,8 @@ def summary_markdown(results: dict, args, elapsed: float) -> str:
     lines = [
         "# LoRA vs full fine-tuning on SmolLM2-135M-Instruct (issue 9)",
         "",
-        f"`{' '.join(sys.argv)}` — {elapsed / 60:.1f} min so far. Best learning rate per method on validation; "
+        f"`{' '.join(sys.argv)}` — this invocation: {elapsed / 60:.1f} min (runs finished by earlier invocations "
+        "with the same --out are read back, not redone). Best learning rate per method on validation; "
         "test metrics at that rate. Gain: code = drop of held-out CPython test loss in nats/token (ln ppl_base − "
         "ln ppl); math = test accuracy − base. Forgetting score = mean length-normalised accuracy on the three "
         "commonsense tasks at the end of training (Δ vs base; higher = less forgetting); prose = change of the "

@@ -33,10 +33,10 @@ def test_torchrun_equals_one_process(tmp_path, engine, optimizer):
     task = write_task(tmp_path / "task" / "task.json")
     run_lorite(_finetune_args(model, task, tmp_path / "one", optimizer), 1)
     run_lorite([*_finetune_args(model, task, tmp_path / "two", optimizer), "--parallel", engine], 2)
-    _assert_samerun_lorite(tmp_path / "one", tmp_path / "two")
+    _assert_same_as_one_process(tmp_path / "one", tmp_path / "two")
 
 
-def _assert_samerun_lorite(one_dir, two_dir):
+def _assert_same_as_one_process(one_dir, two_dir):
     one = json.loads((one_dir / "metrics.json").read_text())
     two = json.loads((two_dir / "metrics.json").read_text())
     assert two["world_size"] == 2 and one["world_size"] == 1
@@ -65,7 +65,7 @@ def test_torchrun_preempted_and_resumed_equals_one_process(tmp_path, engine):
     assert saved["step"] == 2 and saved["world_size"] == 2 and len(saved["history"]["loss"]) == 2
     assert not (two / "metrics.json").exists()
     run_lorite(["finetune", "--resume", str(two)], 2)
-    _assert_samerun_lorite(tmp_path / "one", two)
+    _assert_same_as_one_process(tmp_path / "one", two)
     snapshot = load_file(two / "snapshots" / "step_000002" / "adapter" / "adapter_model.safetensors")
     final = load_file(two / "adapter" / "adapter_model.safetensors")
     assert snapshot.keys() == final.keys()
@@ -89,7 +89,7 @@ def test_accelerate_launch_equals_one_process(tmp_path, flags, engine):
     task = write_task(tmp_path / "task" / "task.json")
     run_lorite(_finetune_args(model, task, tmp_path / "one", "lora_rite"), 1)
     run_lorite(_finetune_args(model, task, tmp_path / "two", "lora_rite"), 2, accelerate_flags=flags)
-    two = _assert_samerun_lorite(tmp_path / "one", tmp_path / "two")
+    two = _assert_same_as_one_process(tmp_path / "one", tmp_path / "two")
     assert two["config"]["parallel"] == engine
 
 
