@@ -84,7 +84,7 @@ def test_compare_progress_prints_the_partial_table_and_trains_nothing(capsys, fi
     assert main([*argv, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "Runs finished: 1; known to be left: 1; seed runs after the grids still running: 0" in printed
-    assert "| adamw | 1e-3: 25.0, 3e-3: · | 1e-3 (so far) | after the grid |" in printed
+    assert "| adamw | 1e-3: 25.0, 3e-3: · | 1e-3 (so far) | after the grid | · |" in printed
     assert sorted(p.name for p in out.iterdir()) == [name.replace("/", "__")], "nothing written"
     code, err = run(capsys, [*argv, "--out", str(tmp_path / "none")])
     assert code == 2 and len(err) == 1 and "is not a folder" in err[0], err

@@ -174,14 +174,17 @@ def test_widening_grows_a_grid_whose_best_sits_at_an_edge_and_jobs_do_not_change
     assert report["left"] == report["waiting"] == 0 and report["other_runs"] == []
     assert [f"{lr:g}" for lr in progress["grid"]] == list(info["grid"]), "the same widened grid as compare's"
     assert progress["best_lr"] == info["best_lr"] and len(progress["tests"]) == 2
+    final = [curve[-1] for curve in info["validation_curves"]]  # the last evaluation of each seed
+    assert progress["validation_curve"][final[0]["step"]] == pytest.approx(sum(p["score"] for p in final) / 2)
     with pytest.raises(LoriteError, match="widen"):
         compare([task], ["adamw"], {"adamw": planned}, 1, base, tmp_path / "x", progress=False, widen=-1)
 
 
-def _write_run(out, task, label, lr, seed, validation, test=None, diverged=False):
+def _write_run(out, task, label, lr, seed, validation, test=None, diverged=False, curve=()):
     folder = out / task.replace("/", "__") / label / f"lr{lr:g}_seed{seed}"
     folder.mkdir(parents=True)
-    metrics = {"validation": {"score": validation}, "diverged": diverged}
+    history = {"validation": [{"step": step, "score": score} for step, score in curve]}
+    metrics = {"validation": {"score": validation}, "diverged": diverged, "history": history}
     if test is not None:
         metrics["test"] = {"score": test}
     (folder / "metrics.json").write_text(json.dumps(metrics))
@@ -192,9 +195,9 @@ def test_progress_reads_the_schedule_against_the_disk_and_trains_nothing(tmp_pat
     _write_run(out, task, "adamw", 1e-3, 0, 0.5, 0.40)
     _write_run(out, task, "adamw", 3e-3, 0, 0.6, 0.45)  # best at the top edge: 1e-2 comes next
     _write_run(out, task, "adamw", 1e-3, 1, 0.5, 0.41)  # a seed at a rate that is no longer the best
-    _write_run(out, task, "lora_rite", 1e-2, 0, 0.7, 0.55)  # best at the bottom edge: widened to 3e-3 …
+    _write_run(out, task, "lora_rite", 1e-2, 0, 0.7, 0.55, curve=[(2, 0.6), (4, 0.7)])  # best at the bottom …
     _write_run(out, task, "lora_rite", 3e-2, 0, None, diverged=True)
-    _write_run(out, task, "lora_rite", 3e-3, 0, 0.3, 0.20)  # … which is done, so 1e-2 is inside the grid
+    _write_run(out, task, "lora_rite", 3e-3, 0, 0.3, 0.20)  # … edge: widened to 3e-3, so 1e-2 is inside
     grids = {"adamw": [1e-3, 3e-3], "lora_rite": [1e-2, 3e-2]}
 
     report = compare_progress([task], ["adamw", "lora_rite"], grids, 2, out, widen=1)
@@ -203,12 +206,13 @@ def test_progress_reads_the_schedule_against_the_disk_and_trains_nothing(tmp_pat
     assert adamw["grid"] == {1e-3: 0.5, 3e-3: 0.6, 1e-2: None} and not adamw["grid_finished"]
     assert adamw["best_lr"] == 3e-3 and adamw["tests"] == {}
     assert rite["grid_finished"] and rite["best_lr"] == 1e-2 and rite["tests"] == {0: 0.55, 1: None}
+    assert rite["validation_curve"] == {2: 0.6, 4: 0.7} and adamw["validation_curve"] == {}
     assert math.isnan(rite["grid"][3e-2])
     assert report["left"] == 2 and report["waiting"] == 1 and report["finished"] == 5
     assert report["other_runs"] == ["social_iqa/adamw/lr0.001_seed1"]
     text = progress_markdown(report)
-    assert "| adamw | 1e-3: 50.0, 3e-3: 60.0, 1e-2: · | 3e-3 (so far) | after the grid |" in text
-    assert "| lora_rite | 3e-3: 30.0, 1e-2: 70.0, 3e-2: diverged | 1e-2 | 55.0 · |" in text
+    assert "| adamw | 1e-3: 50.0, 3e-3: 60.0, 1e-2: · | 3e-3 (so far) | after the grid | · |" in text
+    assert "| lora_rite | 3e-3: 30.0, 1e-2: 70.0, 3e-2: diverged | 1e-2 | 55.0 · | 2: 60.0, 4: 70.0 |" in text
     assert not (out / "results.json").exists() and not (out / "report.md").exists()
     with pytest.raises(LoriteError, match="not a folder"):
         compare_progress([task], ["adamw"], grids, 2, tmp_path / "missing")

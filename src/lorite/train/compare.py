@@ -354,7 +354,7 @@ def compare_progress(
 
     Returns ``{"finished", "left", "waiting", "other_runs", "tasks": {task: {label: {"grid": {lr: validation
     score, None (not run) or NaN (diverged)}, "grid_finished", "best_lr", "tests": {seed: test score or
-    None}}}}}``: ``left`` counts the runs known to be missing; ``waiting`` the seed runs that follow grids
+    None}, "validation_curve": {step: mean validation score of the seeds done at the best lr}}}}}``: ``left`` counts the runs known to be missing; ``waiting`` the seed runs that follow grids
     not yet finished (a grid that widens adds to both later); ``other_runs`` the run folders in ``out`` that
     the schedule does not use (e.g. seeds at a best lr that a widened grid has since replaced). A best lr
     from an unfinished grid is provisional (``grid_finished`` false).
@@ -398,7 +398,20 @@ def compare_progress(
             else:
                 report["waiting"] += seeds - 1  # seed 0 at the best lr is a grid run
             report["left"] += len(missing) + sum(v is None for v in tests.values())
-            entry[spec.label] = {"grid": grid, "grid_finished": finished, "best_lr": best, "tests": tests}
+            curve = _mean_validation_curve(
+                [
+                    schedule.results[RunSpec(task, spec, best, seed)]
+                    for seed, v in tests.items()
+                    if v is not None
+                ]
+            )
+            entry[spec.label] = {
+                "grid": grid,
+                "grid_finished": finished,
+                "best_lr": best,
+                "tests": tests,
+                "validation_curve": curve,
+            }
     report["finished"] = len(schedule.results)
     scheduled = {(out / run.folder).resolve() for run in schedule.results}
     report["other_runs"] = sorted(
@@ -407,6 +420,17 @@ def compare_progress(
         if file.parent.resolve() not in scheduled
     )
     return report
+
+
+def _mean_validation_curve(runs: list[dict]) -> dict[int, float]:
+    """Validation score by step, averaged over ``runs`` (steps that every run evaluated): has training
+    converged at the chosen rate?"""
+    curves = [
+        {point["step"]: point["score"] for point in run.get("history", {}).get("validation", [])}
+        for run in runs
+    ]
+    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    return {step: statistics.fmean(c[step] for c in curves) for step in steps}
 
 
 def lr_text(lr: float) -> str:
@@ -448,8 +472,8 @@ def progress_markdown(report: dict) -> str:
             f"## {task}: {done} of {len(entry)} grids finished",
             "",
             f"| optimizer | validation ×100 per lr (seed 0) | best lr | test ×100 at the best lr, "
-            f"{report['seeds']} seeds |",
-            "|---|---|---|---|",
+            f"{report['seeds']} seeds | validation ×100 by step at the best lr (mean of the seeds done) |",
+            "|---|---|---|---|---|",
         ]
         for label, info in entry.items():
             grid = ", ".join(f"{lr_text(lr)}: {pct(score)}" for lr, score in info["grid"].items())
@@ -463,7 +487,8 @@ def progress_markdown(report: dict) -> str:
                 if len(scores) > 1:
                     mean, std = _mean_std(scores)
                     test += f" → {100 * mean:.1f} ± {100 * std:.1f}"
-            lines.append(f"| {label} | {grid} | {best} | {test} |")
+            curve = ", ".join(f"{step}: {pct(score)}" for step, score in info["validation_curve"].items())
+            lines.append(f"| {label} | {grid} | {best} | {test} | {curve or '·'} |")
     return "\n".join(lines) + "\n"
 
 
