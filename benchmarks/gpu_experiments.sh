@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU experiments of docs/results.md, in order. Each is one `lorite compare --config` command; a
 # comparison that was interrupted resumes from the runs whose metrics.json exist. Runs that two configs
-# share exactly (same task, optimizer label, lr, seed and training settings) are reused, not redone.
+# share exactly (same task, optimizer label, lr, seed and training settings) are reused, not redone, and so
+# are the runs committed in docs/results/NAME_runs (a fresh machine resumes where the last session stopped).
 #
 #   benchmarks/gpu_experiments.sh [names...]     (default: all, in the order below)
 #   env: RUNS (output root, default /tmp/runs), JOBS (parallel runs, default 12), LORITE_CACHE
@@ -25,9 +26,18 @@ share() {  # share FROM TO: copy the finished runs of FROM that TO would run ide
   done
 }
 
+seed_from_docs() {  # seed_from_docs NAME: the finished runs committed in docs/results/NAME_runs (metrics only)
+  [ -d "docs/results/$1_runs" ] || return 0
+  (cd "docs/results/$1_runs" && find . -name metrics.json) | while read -r file; do
+    mkdir -p "$RUNS/$1/$(dirname "$file")"
+    [ -f "$RUNS/$1/$file" ] || cp "docs/results/$1_runs/$file" "$RUNS/$1/$file"
+  done
+}
+
 for name in "${@:-two_tasks paper_table lora_rite_ablation rank_4 rank_64 init_scale}"; do
   for one in $name; do
     [ -f "$RUNS/$one/results.json" ] && continue
+    seed_from_docs "$one"
     case $one in
       paper_table) ;;  # two_tasks trains longer (250 steps of 16): nothing to share
       lora_rite_ablation) share paper_table lora_rite_ablation ;;
