@@ -36,6 +36,9 @@ def test_training_lowers_the_loss_and_saves_everything(setup, tmp_path):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, "the loss must fall by half a nat at least"
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["validation"]["n"] == 16 and "accuracy" in saved["test"]
+    steps_time = 30 * saved["seconds_per_step"]  # the median step, times the steps: about the training time
+    assert 0 < saved["seconds_evaluating"] < saved["seconds_total"]
+    assert saved["seconds_total"] > saved["seconds_evaluating"] + 0.5 * steps_time
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "no temporary files left behind"
 

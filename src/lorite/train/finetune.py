@@ -211,6 +211,7 @@ def finetune(
     from ..optim import create
 
     config.validate()
+    run_began = time.perf_counter()
     out = Path(out) if out is not None else None
     if out is not None:
         check_output_dir(out, resume)
@@ -242,6 +243,15 @@ def finetune(
             raise LoriteError("resuming needs the run's output directory")
         saved = load_checkpoint(out, model, optimizer, scheduler, world=world)
         start_step, history = saved["step"], saved["history"]
+
+    evaluating = 0.0  # seconds spent in evaluation (reported next to the step time: GPU planning)
+
+    def evaluate_split(split: str, show: bool) -> dict:
+        nonlocal evaluating
+        began = time.perf_counter()
+        scores = evaluate_on_all_ranks(model, tokenizer, data, split, config, show, world)
+        evaluating += time.perf_counter() - began
+        return scores
 
     use_bf16 = config.bf16 and device.type == "cuda"
     n_train = data.train.shape[0] if data.kind == "language_model" else len(data.train)
@@ -286,7 +296,7 @@ def finetune(
             history["validation"].append(
                 {
                     "step": done,
-                    **evaluate_on_all_ranks(model, tokenizer, data, "validation", config, False, world),
+                    **evaluate_split("validation", False),
                 }
             )
         if out is not None and config.save_every and done % config.save_every == 0 and done < config.steps:
@@ -305,13 +315,13 @@ def finetune(
     if diverged:
         results["validation"] = {"score": -math.inf}
     else:
-        results["validation"] = evaluate_on_all_ranks(
-            model, tokenizer, data, "validation", config, progress, world
-        )
+        results["validation"] = evaluate_split("validation", progress)
         history["validation"].append({"step": config.steps, **results["validation"]})
         if not config.skip_test:
-            results["test"] = evaluate_on_all_ranks(model, tokenizer, data, "test", config, progress, world)
+            results["test"] = evaluate_split("test", progress)
     results["world_size"] = world.size
+    results["seconds_evaluating"] = evaluating
+    results["seconds_total"] = time.perf_counter() - run_began  # this session's, from loading to evaluation
     if out is not None:
         save_trained(model, method, world, out)
         if world.is_main:
