@@ -5,11 +5,13 @@
 # are the runs committed in docs/results/NAME_runs (a fresh machine resumes where the last session stopped).
 #
 #   benchmarks/gpu_experiments.sh [names...]     (default: all, in the order below)
-#   env: RUNS (output root, default /tmp/runs), JOBS (parallel runs, default 12), LORITE_CACHE
+#   env: RUNS (output root, default /tmp/runs), JOBS (parallel runs, default 6), LORITE_CACHE
+# JOBS: runs on the 512-token tasks (multirc, cosmosqa) peak at 6-11 GB each on SmolLM2-135M; 9 of them
+# filled an 80 GB H100 and ran out of memory together (2026-11-25), 6 kept it at 100 % use with ~70 GB.
 set -u
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-/tmp/runs}
-JOBS=${JOBS:-12}
+JOBS=${JOBS:-6}
 mkdir -p "$RUNS"
 
 share() {  # share FROM TO: copy the finished runs of FROM that TO would run identically

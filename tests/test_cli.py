@@ -88,3 +88,28 @@ def test_compare_progress_prints_the_partial_table_and_trains_nothing(capsys, fi
     assert sorted(p.name for p in out.iterdir()) == [name.replace("/", "__")], "nothing written"
     code, err = run(capsys, [*argv, "--out", str(tmp_path / "none")])
     assert code == 2 and len(err) == 1 and "is not a folder" in err[0], err
+    code, err = run(capsys, [*argv, "--out", str(out), "--report", str(out)])
+    assert code == 2 and len(err) == 1 and "give a folder of its own" in err[0], err
+    code, err = run(capsys, [*argv[:-1], "--out", str(out), "--report", str(tmp_path / "r")])
+    assert code == 2 and len(err) == 1 and "--report goes with --progress" in err[0], err
+
+
+def test_compare_progress_report_writes_the_finished_tasks(capsys, files, tmp_path):
+    _, task = files
+    name, out, report = f"file:{task}", tmp_path / "cmp", tmp_path / "report"
+    for lr, seed, score in [(1e-3, 0, 0.25), (3e-3, 0, 0.5), (3e-3, 1, 0.5)]:
+        folder = out / name.replace("/", "__") / "adamw" / f"lr{lr:g}_seed{seed}"
+        folder.mkdir(parents=True)
+        metrics = {
+            "validation": {"score": score},
+            "test": {"score": 0.2 + seed / 10},
+            "seconds_per_step": 0.5,
+        }
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+    argv = ["compare", "--tasks", name, "--optimizers", "adamw", "--lrs", "1e-3,3e-3", "--seeds", "2"]
+    assert main([*argv, "--widen", "0", "--out", str(out), "--progress", "--report", str(report)]) == 0
+    assert "report of the finished tasks" in capsys.readouterr().out
+    results = json.loads((report / "results.json").read_text())
+    assert results["tasks"][name]["optimizers"]["adamw"]["test_score"][0] == pytest.approx(0.25)
+    assert "25.0 ± 7.1" in (report / "report.md").read_text()
+    assert not (out / "results.json").exists(), "the comparison itself stays resumable"

@@ -204,9 +204,13 @@ def cmd_compare(args: argparse.Namespace) -> None:
         base = _base_config(args, tasks[0], optimizers[0], 0.0, 0)
     _check_names(tasks, [spec.optimizer for spec in parse_optimizers(optimizers)])
     out = Path(args.out)
+    if args.report and not args.progress:
+        raise LoriteError("--report goes with --progress (a finished comparison writes its own report)")
     if args.progress:
         report = compare_progress(tasks, optimizers, grids, seeds, out, widen=widen)
         print(progress_markdown(report), end="")
+        if args.report:
+            _write_finished_report(tasks, optimizers, grids, seeds, out, base, widen, Path(args.report))
         return
     prepare_output(out)
     results = compare(
@@ -224,6 +228,24 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"\nreport: {out / 'report.md'}   results: {out / 'results.json'}   plots: {out}/*.png")
 
 
+def _write_finished_report(tasks, optimizers, grids, seeds, out, base, widen, folder: Path) -> None:
+    """--report: results.json, report.md and plots of the finished tasks, in a folder of their own."""
+    import json
+
+    from .cache import atomic_write_text
+    from .train.compare import compare_finished_tasks
+    from .train.report import write_report
+
+    if folder.resolve() == out.resolve():  # a results.json there would mark the comparison as finished
+        raise LoriteError(f"--report {str(folder)!r}: give a folder of its own, not the comparison's --out")
+    results = compare_finished_tasks(tasks, optimizers, grids, seeds, out, base, widen=widen)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "results.json", json.dumps(results, indent=1, default=str))
+    write_report(results, folder)
+    unfinished = ", ".join(results["unfinished_tasks"]) or "none"
+    print(f"\nreport of the finished tasks: {folder / 'report.md'} (unfinished: {unfinished})")
+
+
 def _print_table(results: dict) -> None:
     for task, entry in results["tasks"].items():
         zero = entry.get("zero_shot")
@@ -231,9 +253,8 @@ def _print_table(results: dict) -> None:
         print(f"  {'optimizer':<22}{'best lr':>9}  {'test score (×100)':>18}  {'s/step':>7}")
         for name, info in entry["optimizers"].items():
             mean, std = info["test_score"]
-            print(
-                f"  {name:<22}{info['best_lr']:>9g}  {100 * mean:>11.1f} ± {100 * std:<4.1f}  {info['seconds_per_step']:>7.2f}"
-            )
+            timing = "—" if info["seconds_per_step"] is None else f"{info['seconds_per_step']:.2f}"
+            print(f"  {name:<22}{info['best_lr']:>9g}  {100 * mean:>11.1f} ± {100 * std:<4.1f}  {timing:>7}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -413,6 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--progress",
         action="store_true",
         help="train nothing: print what --out holds (partial tables) and which runs are left",
+    )
+    comp.add_argument(
+        "--report",
+        default=None,
+        metavar="DIR",
+        help="with --progress: write results.json, report.md and plots of the finished tasks into DIR",
     )
     _add_training_args(comp)
     comp.set_defaults(func=cmd_compare)

@@ -104,6 +104,36 @@ def test_parallel_comparison_equals_serial_one(tmp_path):
         assert len(two["loss_curves"]) == 2
 
 
+def test_a_failed_run_is_retried_once_then_reported_not_fatal(tmp_path, capsys):
+    """Runs sharing a GPU can run out of memory together: a failed run goes back to the queue once; one
+    that fails again is reported as failed (NaN test score, listed), and the rest of the table stands."""
+    model = tiny_model_dir(tmp_path / "model")
+    task = f"file:{write_task(tmp_path / 'task' / 'task.json')}"
+    base = FinetuneConfig(
+        task="", model=str(model), rank=4, steps=2, batch_size=4, n_validation=8, n_test=8,
+        max_length=64, target_modules=["q_proj", "v_proj"], device="cpu",
+    )  # fmt: skip
+    broken = {"label": "broken", "optimizer": "adamw", "args": {"no_such_argument": 1}}
+    grids = {"adamw": [1e-3], "broken": [1e-3]}
+    out = tmp_path / "cmp"
+    results = compare([task], ["adamw", broken], grids, 1, base, out, jobs=2, zero_shot=False)
+    printed = capsys.readouterr().out
+    assert printed.count("FAILED file:") == 2, "tried twice, then given up"
+    entry = results["tasks"][task]["optimizers"]
+    assert math.isnan(entry["broken"]["test_score"][0]) and entry["broken"]["failed_runs"] == ["0.001/seed0"]
+    assert entry["adamw"]["failed_runs"] == [] and 0 <= entry["adamw"]["test_score"][0] <= 1
+    assert not (out / task.replace("/", "__") / "broken" / "lr0.001_seed0" / "metrics.json").exists()
+    assert (out / "report.md").exists()
+
+
+def test_mean_std_ignores_runs_without_a_score():
+    from lorite.train.compare import _mean_std
+
+    assert _mean_std([0.25, None, float("nan"), 0.75]) == (0.5, pytest.approx(0.3535534))
+    mean, std = _mean_std([None, float("nan")])
+    assert math.isnan(mean) and math.isnan(std)
+
+
 def test_neighbour_lr_walks_the_half_decade_ladder():
     from lorite.train.compare import neighbour_lr
 
@@ -122,7 +152,7 @@ def _check_widened(info: dict, planned: list[float], widen: int) -> None:
     assert set(planned) <= set(grid)
     above = [lr for lr in grid if lr > max(planned)]
     below = [lr for lr in grid if lr < min(planned)]
-    assert len(above) <= widen and len(below) <= widen and (above or below), "a 2-point grid always widens"
+    assert len(above) <= widen and len(below) <= widen
     ladder_up = [max(planned)]
     for _ in above:
         ladder_up.append(neighbour_lr(ladder_up[-1], upward=True))
@@ -132,11 +162,37 @@ def _check_widened(info: dict, planned: list[float], widen: int) -> None:
         ladder_down.append(neighbour_lr(ladder_down[-1], upward=False))
     assert sorted(below) == pytest.approx(sorted(ladder_down[1:]))
     best = info["best_lr"]
+    scores = {float(lr): score for lr, score in info["grid"].items()}
+    tied = sum(score == scores[best] for score in scores.values()) > 1
     if best == grid[-1]:
         assert len(above) == widen, "the best is at the top edge only when the widening budget is spent"
-    if best == grid[0]:
-        assert len(below) == widen, "the best is at the bottom edge only when the widening budget is spent"
+    if best == grid[0] and not tied:
+        assert len(below) == widen, (
+            "a strict best is at the bottom edge only when the widening budget is spent"
+        )
     assert info["best_lr_at_grid_edge"] == (best in (grid[0], grid[-1]))
+
+
+def test_widening_stops_at_a_plateau_but_not_at_a_strict_edge_best():
+    """A flat grid (the smaller rate wins ties, so its best is the lowest rate) does not widen: the optimum is
+    inside it. A strict best at an edge widens; a grid where every rate diverged goes down."""
+    from lorite.train.compare import RunSpec, _Schedule, parse_optimizers
+
+    spec = parse_optimizers(["adamw"])[0]
+    grid = [1e-4, 1e-3, 1e-2]
+
+    def schedule_with(scores):
+        schedule = _Schedule(["t"], [spec], {"adamw": grid}, 3, 2, verbose=False)
+        for lr, score in zip(grid, scores, strict=True):
+            result = {"validation": {"score": score}, "diverged": score is None}
+            schedule.results[RunSpec("t", spec, lr, 0)] = result
+        return schedule
+
+    assert schedule_with([0.9, 0.9, 0.5]).widening("t", spec) is None, "plateau: no widening"
+    assert schedule_with([0.9, 0.8, 0.5]).widening("t", spec).lr == pytest.approx(3e-5)
+    assert schedule_with([0.5, 0.8, 0.9]).widening("t", spec).lr == pytest.approx(3e-2)
+    assert schedule_with([0.5, 0.9, 0.9]).widening("t", spec) is None, "the tie goes to the inner 1e-3"
+    assert schedule_with([None, None, None]).widening("t", spec).lr == pytest.approx(3e-5), "all diverged"
 
 
 @pytest.mark.slow
@@ -216,6 +272,27 @@ def test_progress_reads_the_schedule_against_the_disk_and_trains_nothing(tmp_pat
     assert not (out / "results.json").exists() and not (out / "report.md").exists()
     with pytest.raises(LoriteError, match="not a folder"):
         compare_progress([task], ["adamw"], grids, 2, tmp_path / "missing")
+
+
+def test_finished_tasks_are_reported_as_compare_would_and_the_rest_listed(tmp_path):
+    from lorite.train.compare import compare_finished_tasks
+
+    out, grids = tmp_path / "cmp", {"adamw": [1e-3, 3e-3, 1e-2]}
+    for lr, score in [(1e-3, 0.6), (3e-3, 0.6), (1e-2, 0.4)]:  # a plateau at the bottom: no widening
+        _write_run(out, "a", "adamw", lr, 0, score, 0.30 if lr == 1e-3 else 0.9)
+    _write_run(out, "a", "adamw", 1e-3, 1, 0.5, 0.40)
+    _write_run(out, "b", "adamw", 1e-3, 0, 0.5, 0.40)  # task b: its grid is still open
+    base = FinetuneConfig(task="a")
+    with pytest.raises(LoriteError, match="no task of the comparison"):
+        compare_finished_tasks(["b"], ["adamw"], grids, 2, out, base, widen=2)
+
+    results = compare_finished_tasks(["a", "b"], ["adamw"], grids, 2, out, base, widen=2)
+
+    assert list(results["tasks"]) == ["a"] and results["unfinished_tasks"] == ["b"]
+    info = results["tasks"]["a"]["optimizers"]["adamw"]
+    assert info["best_lr"] == 1e-3 and not info["best_lr_at_grid_edge"], "a tie with 3e-3 is a plateau"
+    assert info["test_score"][0] == pytest.approx(0.35) and info["test_score"][1] == pytest.approx(0.0707107)
+    assert results["tasks"]["a"]["zero_shot"] is None
 
 
 def test_lr_text_is_the_short_scientific_form():

@@ -184,6 +184,8 @@ class _Schedule:
         if self.widen == 0 or len(grid) < 2 or not self.grid_finished(task, spec):
             return None
         lr = self.best_lr(task, spec)
+        if not self._edge_is_strictly_best(task, spec, lr):
+            return None
         planned = self.grids[spec.label]
         if lr == grid[-1] and sum(g > max(planned) for g in grid) < self.widen:
             new = neighbour_lr(lr, upward=True)
@@ -197,6 +199,17 @@ class _Schedule:
                 f"widening {task} {spec.label}: best lr {lr:g} at the grid's edge, adding {new:g}", flush=True
             )
         return RunSpec(task, spec, new, 0)
+
+    def _edge_is_strictly_best(self, task: str, spec: OptimizerSpec, lr: float) -> bool:
+        """Whether ``lr`` scores strictly above every other rate of the grid. A plateau (the smaller rate wins a
+        tie, so a flat grid's best is its lowest rate) says the optimum is inside the grid; widening past it
+        would walk down the rates forever. When no rate has a finite score (all diverged), go on widening."""
+        scores = {
+            g: _run_score(self.results[RunSpec(task, spec, g, 0)])
+            for g in self.task_grids[(task, spec.label)]
+        }
+        others = [v for g, v in scores.items() if g != lr]
+        return scores[lr] > max(others) or scores[lr] == -math.inf
 
     def seed_runs(self, task: str, specs: list[OptimizerSpec] | None = None) -> list[RunSpec]:
         """The seed runs at the best lr of each of ``specs`` (default: all), whose grids are finished."""
@@ -268,12 +281,16 @@ def compare(
             return _execute(base_fields, run, str(out), progress)[1]
         return pool.submit(_execute, base_fields, run, str(out), False)
 
-    def collect(run: RunSpec, future) -> dict:
+    def collect(run: RunSpec, future) -> dict | None:
+        """The run's metrics; None when it failed for the first time (it goes back to the queue)."""
         try:
             result = future.result()[1]
         except Exception as error:  # one failed run (e.g. out of memory) must not sink the rest
             result = {"failed": f"{type(error).__name__}: {error}"[:500], "validation": {"score": None}}
             print(f"FAILED {run.folder}: {result['failed']}", flush=True)
+            if run not in failed_once:  # runs sharing a GPU can run out of memory together: try once more
+                failed_once.add(run)
+                return None
         if progress:
             print(
                 f"done {run.folder}: validation score {result.get('validation', {}).get('score')}", flush=True
@@ -304,6 +321,7 @@ def compare(
         queue = [run for task in tasks for run in schedule.grid_runs[task]]  # in priority order
         pending_grid = {task: len(schedule.grid_runs[task]) for task in tasks}
         in_flight: dict = {}
+        failed_once: set[RunSpec] = set()
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             while queue or in_flight:
                 while queue and len(in_flight) < jobs:
@@ -314,7 +332,11 @@ def compare(
                 done, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
                 for future in done:
                     run = in_flight.pop(future)
-                    results[run] = collect(run, future)
+                    result = collect(run, future)
+                    if result is None:  # retried after the runs now in flight, before any new one
+                        queue.insert(0, run)
+                        continue
+                    results[run] = result
                     if run.seed != 0 or run.lr not in schedule.task_grids[(run.task, run.spec.label)]:
                         continue
                     if pending_grid[run.task] == 0:
@@ -359,6 +381,42 @@ def compare_progress(
     the schedule does not use (e.g. seeds at a best lr that a widened grid has since replaced). A best lr
     from an unfinished grid is provisional (``grid_finished`` false).
     """
+    return _read_progress(tasks, optimizers, grids, seeds, out, widen)[0]
+
+
+def compare_finished_tasks(
+    tasks: list[str],
+    optimizers: list[Any],
+    grids: dict[str, list[float]],
+    seeds: int,
+    out: str | Path,
+    base: FinetuneConfig,
+    widen: int = 0,
+) -> dict:
+    """The ``results.json`` of :func:`compare` restricted to the tasks of ``out`` that are finished (every
+    grid, widening included, and every seed at each best lr); trains nothing, and has no zero-shot rows.
+
+    For a table that a lease cut short: the finished tasks' numbers, curves and plots are final, because
+    :func:`compare` would choose and report exactly these runs. ``unfinished_tasks`` lists the rest."""
+    report, schedule = _read_progress(tasks, optimizers, grids, seeds, out, widen)
+    finished = [
+        task
+        for task in tasks
+        if all(
+            entry["grid_finished"] and all(v is not None for v in entry["tests"].values())
+            for entry in report["tasks"][task].values()
+        )
+    ]
+    if not finished:
+        raise LoriteError(f"no task of the comparison in {str(out)!r} is finished yet (see --progress)")
+    results = _summarise(
+        finished, schedule.specs, schedule.task_grids, seeds, schedule.results, schedule.best, {}, base
+    )
+    results["unfinished_tasks"] = [task for task in tasks if task not in finished]
+    return results
+
+
+def _read_progress(tasks, optimizers, grids, seeds, out, widen) -> tuple[dict, _Schedule]:
     out = Path(out)
     specs = parse_optimizers(optimizers)
     missing_grids = [s.label for s in specs if s.label not in grids]
@@ -419,7 +477,7 @@ def compare_progress(
         for file in out.glob("*/*/*/metrics.json")
         if file.parent.resolve() not in scheduled
     )
-    return report
+    return report, schedule
 
 
 def _mean_validation_curve(runs: list[dict]) -> dict[int, float]:
@@ -507,15 +565,16 @@ def neighbour_lr(lr: float, upward: bool) -> float:
     return float(f"{lr * factor:.0e}")
 
 
+def _run_score(result: dict) -> float:
+    """A run's validation score for choosing rates; a diverged or failed run scores −∞."""
+    value = result.get("validation", {}).get("score")
+    bad = value is None or result.get("diverged") or result.get("failed") or math.isnan(value)
+    return -math.inf if bad else value
+
+
 def _best_lr(scored: list[tuple[dict, float]]) -> float:
     """The learning rate with the best validation score (a diverged run scores −∞; ties: smaller lr)."""
-
-    def score(result: dict) -> float:
-        value = result.get("validation", {}).get("score")
-        bad = value is None or result.get("diverged") or result.get("failed") or math.isnan(value)
-        return -math.inf if bad else value
-
-    return max(scored, key=lambda pair: (score(pair[0]), -pair[1]))[1]
+    return max(scored, key=lambda pair: (_run_score(pair[0]), -pair[1]))[1]
 
 
 def _zero_shot(config: FinetuneConfig, progress: bool) -> dict:
@@ -532,8 +591,22 @@ def _zero_shot(config: FinetuneConfig, progress: bool) -> dict:
     }
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def _mean_std(values: list[float | None]) -> tuple[float, float]:
+    """Mean and sample std of the finite values (a failed or diverged run has none); NaN when none are."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return math.nan, math.nan
+    return statistics.fmean(finite), (statistics.stdev(finite) if len(finite) > 1 else 0.0)
+
+
+def _strict_edge_best(lr: float, grid_runs: dict[str, dict]) -> bool:
+    """Whether the chosen ``lr`` sits at an edge of its grid and beats every other rate (a tie with an inner
+    rate is a plateau, not an optimum past the edge; see ``_Schedule._edge_is_strictly_best``)."""
+    rates = sorted(float(g) for g in grid_runs)
+    if len(rates) < 2 or lr not in (rates[0], rates[-1]):
+        return False
+    scores = {float(g): _run_score(r) for g, r in grid_runs.items()}
+    return scores[lr] > max(v for g, v in scores.items() if g != lr)
 
 
 def _summarise(tasks, specs, grids, seeds, runs, best, baseline, base) -> dict:
@@ -543,7 +616,7 @@ def _summarise(tasks, specs, grids, seeds, runs, best, baseline, base) -> dict:
         for spec in specs:
             lr = best[(task, spec.label)]
             chosen = [runs[RunSpec(task, spec, lr, s)] for s in range(seeds)]
-            tests = [r["test"]["score"] if "test" in r else float("nan") for r in chosen]
+            tests = [r["test"]["score"] if "test" in r else None for r in chosen]
             metric_names = [k for k in chosen[0].get("test", {}) if k not in ("score", "n", "samples")]
             per_metric = {m: _mean_std([r["test"][m] for r in chosen if "test" in r]) for m in metric_names}
             lr_grid = grids[(task, spec.label)]
@@ -556,14 +629,15 @@ def _summarise(tasks, specs, grids, seeds, runs, best, baseline, base) -> dict:
                 "training": spec.training,
                 "trainable_parameters": chosen[0].get("trainable_parameters"),
                 "best_lr": lr,
-                "best_lr_at_grid_edge": len(lr_grid) > 1 and lr in (min(lr_grid), max(lr_grid)),
+                "best_lr_at_grid_edge": _strict_edge_best(lr, grid_runs),
                 "grid": {g: r.get("validation", {}).get("score") for g, r in grid_runs.items()},
                 "test_score": _mean_std(tests),
                 "test_metrics": per_metric,
                 "validation_score": _mean_std([r["validation"]["score"] for r in chosen]),
+                "failed_runs": [f"{lr:g}/seed{s}" for s, r in enumerate(chosen) if r.get("failed")],
                 "seconds_per_step": statistics.median(timing) if timing else None,
-                "loss_curves": [r["history"]["loss"] for r in chosen],
-                "validation_curves": [r["history"]["validation"] for r in chosen],
+                "loss_curves": [r.get("history", {}).get("loss", []) for r in chosen],
+                "validation_curves": [r.get("history", {}).get("validation", {}) for r in chosen],
                 "diverged_lrs": [g for g, r in grid_runs.items() if r.get("diverged")],
             }
         summary["tasks"][task] = entry

@@ -13,6 +13,12 @@ def _fmt(mean_std: tuple[float, float], scale: float = 100.0) -> str:
     return f"{scale * mean:.1f} ± {scale * std:.1f}"
 
 
+def _grid_cell(lr: str, score: float | None, info: dict[str, Any]) -> str:
+    if lr in info["diverged_lrs"]:
+        return "diverged"
+    return "failed" if score is None else f"{100 * score:.1f}"
+
+
 def _smooth(values: list[float], window: int) -> list[float]:
     out, total = [], 0.0
     for i, v in enumerate(values):
@@ -65,11 +71,9 @@ def write_report(results: dict[str, Any], out: Path) -> list[Path]:
         ]
         for name in optimizers:
             info = entry["optimizers"][name]
-            grid = ", ".join(
-                f"{lr}: {'diverged' if lr in info['diverged_lrs'] else f'{100 * score:.1f}'}"
-                for lr, score in info["grid"].items()
-            )
-            lines.append(f"| {name} | {info['best_lr']:g} | {grid} | {info['seconds_per_step']:.3f} |")
+            grid = ", ".join(f"{lr}: {_grid_cell(lr, score, info)}" for lr, score in info["grid"].items())
+            timing = "—" if info["seconds_per_step"] is None else f"{info['seconds_per_step']:.3f}"
+            lines.append(f"| {name} | {info['best_lr']:g} | {grid} | {timing} |")
         lines.append("")
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
@@ -88,9 +92,14 @@ def _plots(results: dict[str, Any], out: Path) -> list[Path]:
     paths = []
     tasks = results["tasks"]
     for task, entry in tasks.items():
+        with_curves = {  # a failed run has no curve
+            name: (info, [c for c in info["loss_curves"] if c]) for name, info in entry["optimizers"].items()
+        }
+        with_curves = {name: pair for name, pair in with_curves.items() if pair[1]}
+        if not with_curves:
+            continue
         fig, ax = plt.subplots(figsize=(7, 4))
-        for name, info in entry["optimizers"].items():
-            curves = info["loss_curves"]
+        for name, (info, curves) in with_curves.items():
             length = min(len(c) for c in curves)
             mean = [sum(c[i] for c in curves) / len(curves) for i in range(length)]
             ax.plot(_smooth(mean, max(1, length // 25)), label=f"{name} (lr {info['best_lr']:g})")
