@@ -13,6 +13,7 @@ from lorite.data.blocks import pack_blocks
 from lorite.models import load_causal_lm
 from lorite.train.eval import (
     accuracy_from_scores,
+    answer_shares,
     choice_log_likelihoods,
     evaluate_task,
     exact_match,
@@ -33,6 +34,11 @@ def test_rouge_l_known_values():
     assert rouge_l("the cat sat", ["the cat sat on the mat"]) == pytest.approx(2 / 3)
     assert rouge_l("dog", ["cat"]) == 0.0
     assert rouge_l("a b c", ["x", "a b c"]) == pytest.approx(1.0)  # best reference
+
+
+def test_answer_shares_count_normalised_answers_most_common_first():
+    shares = answer_shares(["No.", "no", "Yes.", "No", "maybe", "a", "b", "c"], top=3)
+    assert list(shares) == ["no", "yes", "maybe"] and shares["no"] == 3 / 8 and shares["yes"] == 1 / 8
 
 
 def test_accuracy_from_scores_ties_go_to_the_first_choice():
@@ -91,7 +97,12 @@ def test_perplexity_matches_the_models_own_loss(tiny):
 def test_evaluate_task_reports_the_right_metrics(tiny, task, tmp_path):
     model, tokenizer = tiny
     mc = evaluate_task(model, tokenizer, task, list(task.examples[:8]))
-    assert set(mc) == {"accuracy", "score", "n"} and 0 <= mc["accuracy"] <= 1 and mc["n"] == 8
+    assert (
+        set(mc) == {"accuracy", "score", "n", "answer_shares"} and 0 <= mc["accuracy"] <= 1 and mc["n"] == 8
+    )
+    choice_texts = {normalize_answer(c) for ex in task.examples[:8] for c in ex.choices}
+    assert set(mc["answer_shares"]) <= choice_texts and sum(mc["answer_shares"].values()) <= 1 + 1e-9
+    assert all(share * 8 == round(share * 8) for share in mc["answer_shares"].values()), "counts of 8"
     gen_task = load_task_file(write_task(tmp_path / "g.json", "generation"))
     gen = evaluate_task(model, tokenizer, gen_task, list(gen_task.examples[:4]))
     assert {"exact_match", "rouge_l", "score"} <= set(gen) and gen["score"] == gen["rouge_l"]

@@ -617,7 +617,11 @@ def _summarise(tasks, specs, grids, seeds, runs, best, baseline, base) -> dict:
             lr = best[(task, spec.label)]
             chosen = [runs[RunSpec(task, spec, lr, s)] for s in range(seeds)]
             tests = [r["test"]["score"] if "test" in r else None for r in chosen]
-            metric_names = [k for k in chosen[0].get("test", {}) if k not in ("score", "n", "samples")]
+            metric_names = [  # the numeric metrics (not the answers shown or their shares)
+                k
+                for k, v in chosen[0].get("test", {}).items()
+                if k not in ("score", "n") and isinstance(v, int | float)
+            ]
             per_metric = {m: _mean_std([r["test"][m] for r in chosen if "test" in r]) for m in metric_names}
             lr_grid = grids[(task, spec.label)]
             grid_runs = {f"{g:g}": runs[RunSpec(task, spec, g, 0)] for g in lr_grid}

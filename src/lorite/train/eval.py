@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import re
 import string
+from collections import Counter
 from collections.abc import Iterable
 
 import torch
@@ -54,10 +55,22 @@ def rouge_l(prediction: str, references: Iterable[str]) -> float:
     return max(_ROUGE.score(ref, prediction)["rougeL"].fmeasure for ref in references)
 
 
+def predicted_choices(scores: list[list[float]]) -> list[int]:
+    """The highest-scoring choice of each example (ties go to the first)."""
+    return [max(range(len(s)), key=lambda i: (s[i], -i)) for s in scores]
+
+
 def accuracy_from_scores(scores: list[list[float]], correct: list[tuple[int, ...]]) -> float:
     """Fraction of examples whose highest-scoring choice is a correct one (ties go to the first)."""
-    hits = [max(range(len(s)), key=lambda i: (s[i], -i)) in c for s, c in zip(scores, correct)]
+    hits = [choice in c for choice, c in zip(predicted_choices(scores), correct)]
     return sum(hits) / len(hits)
+
+
+def answer_shares(answers: list[str], top: int = 5) -> dict[str, float]:
+    """The ``top`` most frequent answers (normalised) and the fraction of examples giving each: shows a model
+    that collapsed onto one answer (multirc's "No.") or leans on an answer prior (strategyqa's Yes/No)."""
+    counts = Counter(normalize_answer(a) for a in answers)
+    return {answer: count / len(answers) for answer, count in counts.most_common(top)}
 
 
 # ------------------------------------------------------------------------------------------- scoring
@@ -164,7 +177,13 @@ def evaluate_task(
     if task.kind == "multiple_choice":
         scores = choice_log_likelihoods(model, tokenizer, task, examples, batch_size, progress=progress)
         accuracy = accuracy_from_scores(scores, [ex.correct for ex in examples])
-        return {"accuracy": accuracy, "score": accuracy, "n": len(examples)}
+        chosen = [ex.choices[i] for ex, i in zip(examples, predicted_choices(scores))]
+        return {
+            "accuracy": accuracy,
+            "score": accuracy,
+            "n": len(examples),
+            "answer_shares": answer_shares(chosen),
+        }
     # room for the references: 1.25 × their 95th-percentile length in tokens, within [8, 128]
     lengths = sorted(
         len(tokenizer(t, add_special_tokens=False)["input_ids"]) for ex in examples for t in ex.targets
@@ -175,7 +194,10 @@ def evaluate_task(
     )
     em = sum(exact_match(a, ex.targets) for a, ex in zip(answers, examples)) / len(examples)
     rouge = sum(rouge_l(a, ex.targets) for a, ex in zip(answers, examples)) / len(examples)
-    return {"exact_match": em, "rouge_l": rouge, "score": rouge, "n": len(examples), "samples": answers[:5]}
+    return {
+        "exact_match": em, "rouge_l": rouge, "score": rouge, "n": len(examples), "samples": answers[:5],
+        "answer_shares": answer_shares(answers),
+    }  # fmt: skip
 
 
 @torch.no_grad()
@@ -197,11 +219,13 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
 __all__ = [
     "IGNORE",
     "accuracy_from_scores",
+    "answer_shares",
     "choice_log_likelihoods",
     "evaluate_task",
     "exact_match",
     "generate_answers",
     "normalize_answer",
     "perplexity",
+    "predicted_choices",
     "rouge_l",
 ]

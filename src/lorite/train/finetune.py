@@ -184,6 +184,12 @@ def evaluate_on_all_ranks(model, tokenizer, data, split, config, progress, world
         return evaluate(whole, tokenizer, data, split, config, progress and world.is_main)
 
 
+def _scalars(metrics: dict) -> dict:
+    """The numbers of an evaluation, for the validation curve (the answers and their shares stay in the
+    final evaluation only)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+
+
 def check_output_dir(out: Path, resume: bool) -> None:
     """Refuse to mix two runs in one directory."""
     if (
@@ -296,7 +302,7 @@ def finetune(
             history["validation"].append(
                 {
                     "step": done,
-                    **evaluate_split("validation", False),
+                    **_scalars(evaluate_split("validation", False)),
                 }
             )
         if out is not None and config.save_every and done % config.save_every == 0 and done < config.steps:
@@ -316,7 +322,7 @@ def finetune(
         results["validation"] = {"score": -math.inf}
     else:
         results["validation"] = evaluate_split("validation", progress)
-        history["validation"].append({"step": config.steps, **results["validation"]})
+        history["validation"].append({"step": config.steps, **_scalars(results["validation"])})
         if not config.skip_test:
             results["test"] = evaluate_split("test", progress)
     results["world_size"] = world.size
