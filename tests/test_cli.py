@@ -113,3 +113,45 @@ def test_compare_progress_report_writes_the_finished_tasks(capsys, files, tmp_pa
     assert results["tasks"][name]["optimizers"]["adamw"]["test_score"][0] == pytest.approx(0.25)
     assert "25.0 ± 7.1" in (report / "report.md").read_text()
     assert not (out / "results.json").exists(), "the comparison itself stays resumable"
+
+
+def test_evaluate_gives_a_runs_own_numbers_again_and_the_base_model_zero_shot(capsys, files, tmp_path):
+    model, task = files
+    out = tmp_path / "run"
+    argv = finetune_args(files, "--out", str(out), "--optimizer", "adamw", "--lr", "3e-2", "--steps", "4")
+    assert main([*argv, "--device", "cpu"]) == 0
+    saved = json.loads((out / "metrics.json").read_text())
+    capsys.readouterr()
+
+    assert main(["evaluate", "--run", str(out), "--out", str(tmp_path / "again.json")]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())
+    for split in ("validation", "test"):
+        assert again[split]["score"] == pytest.approx(saved[split]["score"], abs=1e-9), split
+        assert again[split]["n"] == saved[split]["n"] == 8
+    assert again["adapter"] == str(out / "adapter")
+    assert json.loads(capsys.readouterr().out) == again, "printed as written"
+
+    base = [
+        "evaluate",
+        "--task",
+        f"file:{task}",
+        "--model",
+        str(model),
+        "--n-validation",
+        "8",
+        "--n-test",
+        "8",
+    ]
+    assert main([*base, "--device", "cpu"]) == 0
+    zero_shot = json.loads(capsys.readouterr().out)
+    assert zero_shot["adapter"] is None and zero_shot["test"]["n"] == 8
+    assert 0 <= zero_shot["test"]["score"] <= 1
+
+    for extra, message in [
+        (["--run", str(out), "--out", str(tmp_path / "again.json")], "already exists"),
+        (["--run", str(tmp_path)], "no metrics.json there"),
+        (["--run", str(out), "--task", "x"], "leave out --task and --config"),
+        ([], "--task is required"),
+    ]:
+        code, err = run(capsys, ["evaluate", *extra])
+        assert code == 2 and len(err) == 1 and message in err[0], (extra, err)

@@ -145,6 +145,58 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     print(f"adapter and metrics in {out}")
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    """Validation and test metrics of the base model on a task (zero-shot), or of a finetune run's adapter."""
+    from dataclasses import fields, replace
+
+    from .cache import atomic_write_text
+    from .train.finetune import FinetuneConfig, evaluate_model
+
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists():
+        raise LoriteError(f"--out {str(out)!r} already exists; give a new file")
+    overrides = {
+        name: getattr(args, name)
+        for name in ("model", "n_validation", "n_test", "max_length", "eval_batch_size", "device")
+        if getattr(args, name) is not None
+    }
+    adapter = None
+    if args.run:
+        if args.task or args.config:
+            raise LoriteError(
+                "--run evaluates a run on its own task and settings: leave out --task and --config"
+            )
+        run = Path(args.run)
+        metrics_file = run / "metrics.json"
+        if not metrics_file.is_file():
+            raise LoriteError(
+                f"--run {str(run)!r}: no metrics.json there (not a finished lorite finetune run)"
+            )
+        saved = json.loads(metrics_file.read_text())["config"]
+        known = {f.name for f in fields(FinetuneConfig)}
+        config = FinetuneConfig(**{k: v for k, v in saved.items() if k in known})
+        if config.method != "lora":
+            raise LoriteError(
+                f"--run {str(run)!r}: method {config.method!r}; only LoRA adapters are evaluated"
+            )
+        adapter = run / "adapter"
+    else:
+        if not args.task:
+            raise LoriteError("--task is required (or --run DIR)")
+        _check_names([args.task], [])
+        training = _compare_config(args.config).get("training", {}) if args.config else {}
+        config = FinetuneConfig(task=args.task, **training)
+    config = replace(config, **overrides)
+    results = evaluate_model(config, adapter=adapter, progress=True)
+    text = json.dumps(
+        {"task": config.task, "adapter": str(adapter) if adapter else None, **results}, indent=1
+    )
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, text + "\n")
+    print(text)
+
+
 def _parse_list(text: str, what: str) -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
@@ -443,6 +495,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_training_args(comp)
     comp.set_defaults(func=cmd_compare)
+
+    ev = sub.add_parser(
+        "evaluate", help="validation and test metrics: the base model zero-shot, or a finetune run's adapter"
+    )
+    ev.add_argument("--task", default=None, help="a task: evaluates the base model (zero-shot)")
+    ev.add_argument(
+        "--run", default=None, help="a lorite finetune run: its adapter, on its task and settings"
+    )
+    ev.add_argument("--config", default=None, help="with --task: a comparison config's evaluation settings")
+    ev.add_argument(
+        "--model", default=None, help="SmolLM2-135M-Instruct (default), a .gguf file or a model dir"
+    )
+    ev.add_argument("--n-validation", type=int, default=None)
+    ev.add_argument("--n-test", type=int, default=None)
+    ev.add_argument("--max-length", type=int, default=None)
+    ev.add_argument("--eval-batch-size", type=int, default=None)
+    ev.add_argument("--device", default=None, help="auto (default), cpu, cuda")
+    ev.add_argument("--out", default=None, help="also write the JSON to this (new) file")
+    ev.set_defaults(func=cmd_evaluate)
 
     demo = sub.add_parser("demo", help="adamw vs lora_rite on SmolLM2 and one task, CPU-sized (~10 min)")
     demo.add_argument("--task", default=DEMO_TASK)

@@ -579,16 +579,9 @@ def _best_lr(scored: list[tuple[dict, float]]) -> float:
 
 def _zero_shot(config: FinetuneConfig, progress: bool) -> dict:
     """Validation and test metrics of the model before fine-tuning."""
-    from ..models import load_causal_lm
-    from .finetune import evaluate, load_task_data, pick_device
+    from .finetune import evaluate_model
 
-    model, tokenizer = load_causal_lm(config.model)
-    model.to(pick_device(config.device))
-    data = load_task_data(config, tokenizer)
-    return {
-        "validation": evaluate(model, tokenizer, data, "validation", config, progress),
-        "test": evaluate(model, tokenizer, data, "test", config, progress),
-    }
+    return evaluate_model(config, progress=progress)
 
 
 def _mean_std(values: list[float | None]) -> tuple[float, float]:

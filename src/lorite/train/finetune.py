@@ -178,6 +178,28 @@ def evaluate(model, tokenizer, data: TaskData, split: str, config: FinetuneConfi
     return evaluate_task(model, tokenizer, data.task, examples, config.eval_batch_size, progress=progress)
 
 
+def evaluate_model(config: FinetuneConfig, adapter: str | Path | None = None, progress: bool = False) -> dict:
+    """Validation and test metrics of the base model (zero-shot), or of the model with ``adapter`` (a peft
+    LoRA adapter folder, e.g. a run's ``adapter/``). The task, its splits and the evaluation settings
+    (``n_validation``, ``n_test``, ``split_seed``, ``max_length``, ``eval_batch_size``, ``device``) come from
+    ``config``; a run evaluated with its own config gives its ``metrics.json`` numbers again."""
+    from ..models import load_causal_lm
+
+    model, tokenizer = load_causal_lm(config.model)
+    if adapter is not None:
+        adapter = Path(adapter)
+        if not (adapter / "adapter_config.json").is_file():
+            raise LoriteError(f"{str(adapter)!r} holds no peft adapter (no adapter_config.json)")
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter), autocast_adapter_dtype=False)
+    model.to(pick_device(config.device))
+    data = load_task_data(config, tokenizer)
+    return {
+        split: evaluate(model, tokenizer, data, split, config, progress) for split in ("validation", "test")
+    }
+
+
 def evaluate_on_all_ranks(model, tokenizer, data, split, config, progress, world) -> dict:
     """:func:`evaluate` on the whole model; under torchrun every rank evaluates the same examples."""
     with distributed.gathered(model, world) as whole:
