@@ -43,7 +43,9 @@ def test_two_ranks_follow_the_single_process(tmp_path):
     )
     single = pretrain(_config(cache, batch_size=8), tmp_path / "single")
     ddp_dir = tmp_path / "ddp"
-    spawn_ranks(_worker, (2, free_port(), cache, ddp_dir), 2, [ddp_dir / "metrics.json"], reset=[ddp_dir])
+    # metrics.json is rewritten at every evaluation; the run is finished once model/ is saved
+    finished = [ddp_dir / "metrics.json", ddp_dir / "model" / "model.safetensors"]
+    spawn_ranks(_worker, (2, free_port(), cache, ddp_dir), 2, finished, reset=[ddp_dir])
     ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert ddp["total_steps"] == single["total_steps"] == 6 and ddp["tokens_per_step"] == 256
     for a, b in zip(ddp["validation"], single["validation"]):
