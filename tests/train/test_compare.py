@@ -104,15 +104,21 @@ def test_parallel_comparison_equals_serial_one(tmp_path):
         assert len(two["loss_curves"]) == 2
 
 
-def test_a_failed_run_is_retried_once_then_reported_not_fatal(tmp_path, capsys):
-    """Runs sharing a GPU can run out of memory together: a failed run goes back to the queue once; one
-    that fails again is reported as failed (NaN test score, listed), and the rest of the table stands."""
+def _tiny_comparison(tmp_path, **settings) -> tuple[str, FinetuneConfig]:
+    """A task the tiny random model can be fine-tuned on, and the base config of a CPU comparison."""
     model = tiny_model_dir(tmp_path / "model")
     task = f"file:{write_task(tmp_path / 'task' / 'task.json')}"
     base = FinetuneConfig(
-        task="", model=str(model), rank=4, steps=2, batch_size=4, n_validation=8, n_test=8,
-        max_length=64, target_modules=["q_proj", "v_proj"], device="cpu",
+        task="", model=str(model), rank=4, batch_size=4, max_length=64, target_modules=["q_proj", "v_proj"],
+        device="cpu", **settings,
     )  # fmt: skip
+    return task, base
+
+
+def test_a_failed_run_is_retried_once_then_reported_not_fatal(tmp_path, capsys):
+    """Runs sharing a GPU can run out of memory together: a failed run goes back to the queue once; one
+    that fails again is reported as failed (NaN test score, listed), and the rest of the table stands."""
+    task, base = _tiny_comparison(tmp_path, steps=2, n_validation=8, n_test=8)
     broken = {"label": "broken", "optimizer": "adamw", "args": {"no_such_argument": 1}}
     grids = {"adamw": [1e-3], "broken": [1e-3]}
     out = tmp_path / "cmp"
@@ -197,12 +203,7 @@ def test_widening_stops_at_a_plateau_but_not_at_a_strict_edge_best():
 
 @pytest.mark.slow
 def test_widening_grows_a_grid_whose_best_sits_at_an_edge_and_jobs_do_not_change_it(tmp_path):
-    model = tiny_model_dir(tmp_path / "model")
-    task = f"file:{write_task(tmp_path / 'task' / 'task.json')}"
-    base = FinetuneConfig(
-        task="", model=str(model), rank=4, steps=3, batch_size=4, n_validation=16, n_test=16,
-        max_length=64, target_modules=["q_proj", "v_proj"], device="cpu",
-    )  # fmt: skip
+    task, base = _tiny_comparison(tmp_path, steps=3, n_validation=16, n_test=16)
     planned = [1e-3, 10.0]  # the tiny model scores 2/16 at 1e-3 and 4/16 at 10: a strict best at the top
     serial = compare(
         [task],
