@@ -201,15 +201,12 @@ class _Schedule:
         return RunSpec(task, spec, new, 0)
 
     def _edge_is_strictly_best(self, task: str, spec: OptimizerSpec, lr: float) -> bool:
-        """Whether ``lr`` scores strictly above every other rate of the grid. A plateau (the smaller rate wins a
-        tie, so a flat grid's best is its lowest rate) says the optimum is inside the grid; widening past it
-        would walk down the rates forever. When no rate has a finite score (all diverged), go on widening."""
-        scores = {
-            g: _run_score(self.results[RunSpec(task, spec, g, 0)])
-            for g in self.task_grids[(task, spec.label)]
-        }
-        others = [v for g, v in scores.items() if g != lr]
-        return scores[lr] > max(others) or scores[lr] == -math.inf
+        """Whether the edge rate ``lr`` beats every other rate of the grid (:func:`_strict_edge_best`). A
+        plateau (the smaller rate wins a tie, so a flat grid's best is its lowest rate) says the optimum is
+        inside the grid; widening past it would walk down the rates forever. When no rate has a finite
+        score (all diverged), go on widening."""
+        runs = {g: self.results[RunSpec(task, spec, g, 0)] for g in self.task_grids[(task, spec.label)]}
+        return _run_score(runs[lr]) == -math.inf or _strict_edge_best(lr, runs)
 
     def seed_runs(self, task: str, specs: list[OptimizerSpec] | None = None) -> list[RunSpec]:
         """The seed runs at the best lr of each of ``specs`` (default: all), whose grids are finished."""
@@ -592,9 +589,9 @@ def _mean_std(values: list[float | None]) -> tuple[float, float]:
     return statistics.fmean(finite), (statistics.stdev(finite) if len(finite) > 1 else 0.0)
 
 
-def _strict_edge_best(lr: float, grid_runs: dict[str, dict]) -> bool:
-    """Whether the chosen ``lr`` sits at an edge of its grid and beats every other rate (a tie with an inner
-    rate is a plateau, not an optimum past the edge; see ``_Schedule._edge_is_strictly_best``)."""
+def _strict_edge_best(lr: float, grid_runs: dict[str | float, dict]) -> bool:
+    """Whether the chosen ``lr`` sits at an edge of its grid (runs keyed by rate) and beats every other rate:
+    a tie with an inner rate is a plateau, not an optimum past the edge."""
     rates = sorted(float(g) for g in grid_runs)
     if len(rates) < 2 or lr not in (rates[0], rates[-1]):
         return False
