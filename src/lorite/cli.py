@@ -282,8 +282,6 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 def _write_finished_report(tasks, optimizers, grids, seeds, out, base, widen, folder: Path) -> None:
     """--report: results.json, report.md and plots of the finished tasks, in a folder of their own."""
-    import json
-
     from .cache import atomic_write_text
     from .train.compare import compare_finished_tasks
     from .train.report import write_report
