@@ -138,11 +138,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def killed_by_signal(launcher_stderr: str) -> bool:
+    """Whether torchrun's report of a failed launch names only workers killed by a signal (``exitcode: -6``,
+    gloo's native abort) and no worker that exited with an error of its own (a positive exit code)."""
+    import re
+
+    codes = [int(code) for code in re.findall(r"exitcode\s*:\s*(-?\d+)", launcher_stderr)]
+    return bool(codes) and all(code < 0 for code in codes)
+
+
 def run_lorite(args, processes=1, accelerate_flags=None, env=None, timeout=900):
     """``python -m lorite.cli ARGS`` in a subprocess: alone, under ``torchrun`` (``processes > 1``), or under
     ``accelerate launch`` with ``accelerate_flags``; accelerate's variables from this environment are
-    dropped. Asserts success and returns the completed process."""
+    dropped. Asserts success and returns the completed process.
+
+    As in :func:`spawn_ranks`: gloo occasionally aborts a worker inside torch's native code. A multi-process
+    run whose workers died only by a signal runs once more from scratch (its ``--out`` removed); a run that
+    resumes (``--resume``) is not repeated, and a worker's own error never is."""
     import os
+    import shutil
     import subprocess
     import sys
 
@@ -161,6 +175,10 @@ def run_lorite(args, processes=1, accelerate_flags=None, env=None, timeout=900):
             f"--master-port={free_port()}", "-m", "lorite.cli", *args,
         ]  # fmt: skip
     result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=timeout)
+    fresh_run = "--out" in args and "--resume" not in args
+    if result.returncode != 0 and processes > 1 and fresh_run and killed_by_signal(result.stderr):
+        shutil.rmtree(args[args.index("--out") + 1], ignore_errors=True)
+        result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

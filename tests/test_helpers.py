@@ -1,4 +1,5 @@
-"""The test helpers that decide outcomes: spawn_ranks accepts a signal-killed worker only after its work."""
+"""The test helpers that decide outcomes: spawn_ranks accepts a signal-killed worker only after its work;
+run_lorite repeats a launch only when its workers died by a signal."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 import pytest
 import torch.multiprocessing as mp
 
-from helpers import spawn_ranks
+from helpers import killed_by_signal, spawn_ranks
 
 
 def _write_then_abort(rank, folder, world_size=2):
@@ -46,3 +47,14 @@ def test_spawn_ranks_retries_once_then_fails_when_the_work_is_missing(tmp_path):
 def test_spawn_ranks_never_retries_an_exception(tmp_path):
     with pytest.raises(mp.ProcessRaisedException, match="a wrong result"):
         spawn_ranks(_raise, (str(tmp_path),), 1, [tmp_path / "missing"])
+
+
+def test_a_launch_is_repeated_only_when_its_workers_died_by_a_signal():
+    gloo_abort = (  # torchrun's report of this session's CI flake (abridged)
+        "failed (exitcode: -6) local_rank: 1 (pid: 17514)\n"
+        "  exitcode  : -15 (pid: 17513)  (SIGTERM)\n  exitcode  : -6 (pid: 17514)  (SIGABRT)\n"
+    )
+    assert killed_by_signal(gloo_abort)
+    own_error = "  exitcode  : 1 (pid: 17513)\n  exitcode  : -15 (pid: 17514)  (SIGTERM)\n"
+    assert not killed_by_signal(own_error), "a worker's own error is never retried"
+    assert not killed_by_signal("ValueError: bad input")
