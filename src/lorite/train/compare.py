@@ -235,7 +235,23 @@ def _execute(base: dict[str, Any], run: RunSpec, out: str, progress: bool) -> tu
             "seed": run.seed,
         }
     )
-    return run, finetune(config, out=folder, progress=progress)
+    try:
+        return run, finetune(config, out=folder, progress=progress)
+    finally:
+        _release_cached_gpu_memory()
+
+
+def _release_cached_gpu_memory() -> None:
+    """Give the blocks a finished run left in this process's CUDA allocator back to the device. Worker
+    processes share one GPU and each keeps its largest run's blocks reserved otherwise (13.8 GB after a
+    cosmosqa run on an H100), which the other workers' runs then lack."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def compare(
@@ -278,10 +294,12 @@ def compare(
             return _execute(base_fields, run, str(out), progress)[1]
         return pool.submit(_execute, base_fields, run, str(out), False)
 
-    def collect(run: RunSpec, future) -> dict | None:
+    failed_once: set[RunSpec] = set()
+
+    def collect(run: RunSpec, get_result) -> dict | None:
         """The run's metrics; None when it failed for the first time (it goes back to the queue)."""
         try:
-            result = future.result()[1]
+            result = get_result()
         except Exception as error:  # one failed run (e.g. out of memory) must not sink the rest
             result = {"failed": f"{type(error).__name__}: {error}"[:500], "validation": {"score": None}}
             print(f"FAILED {run.folder}: {result['failed']}", flush=True)
@@ -299,18 +317,23 @@ def compare(
     # the previous task's last runs finish, and a task's seed runs go ahead of later tasks' grids.
     schedule = _Schedule(tasks, specs, grids, seeds, widen, progress)
     results = schedule.results
+
+    def execute_serially(run: RunSpec) -> dict:
+        result = collect(run, lambda: execute(run))
+        return result if result is not None else collect(run, lambda: execute(run))
+
     if jobs <= 1:
         for task in tasks:
             todo = list(schedule.grid_runs[task])
             while todo:
                 run = todo.pop(0)
-                results[run] = execute(run)
+                results[run] = execute_serially(run)
                 extra = schedule.widening(task, run.spec)
                 if extra is not None:
                     todo.insert(0, extra)
             for run in schedule.seed_runs(task):
                 if run not in results:
-                    results[run] = execute(run)
+                    results[run] = execute_serially(run)
     else:
         import multiprocessing
         from concurrent.futures import FIRST_COMPLETED, wait
@@ -318,7 +341,6 @@ def compare(
         queue = [run for task in tasks for run in schedule.grid_runs[task]]  # in priority order
         pending_grid = {task: len(schedule.grid_runs[task]) for task in tasks}
         in_flight: dict = {}
-        failed_once: set[RunSpec] = set()
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             while queue or in_flight:
                 while queue and len(in_flight) < jobs:
@@ -329,7 +351,7 @@ def compare(
                 done, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
                 for future in done:
                     run = in_flight.pop(future)
-                    result = collect(run, future)
+                    result = collect(run, lambda done_future=future: done_future.result()[1])
                     if result is None:  # retried after the runs now in flight, before any new one
                         queue.insert(0, run)
                         continue
