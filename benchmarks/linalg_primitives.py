@@ -2,9 +2,13 @@
 on the Gemma-2B LoRA shapes (r=16). Informs lorite.optim._linalg's choices on GPU.
 
     cd benchmarks && python linalg_primitives.py
+    cd benchmarks && python linalg_primitives.py --eigh-ranks 4,8,16,32,64   # eigh cost against the rank
+    cd benchmarks && python linalg_primitives.py --jacobi-warps 16,32,64      # the Jacobi kernel's num_warps
 """
 
 from __future__ import annotations
+
+import argparse
 
 import torch
 from optimizer_step import timed
@@ -62,5 +66,59 @@ def main() -> None:
         print("no triton")
 
 
+def eigh_by_rank(ranks: list[int], matrices: int = 420) -> None:
+    """LoRA-RITE's eigendecompositions per step at each rank: ``matrices`` r × r symmetric PSD matrices
+    (420 = SmolLM2-135M's 210 pairs × 2 factors), lorite's Triton Jacobi kernel against cuSOLVER's eigh."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from lorite.optim import _jacobi
+
+    dev = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}; {matrices} matrices per call")
+    print("| r | Triton Jacobi ms | torch.linalg.eigh ms | max eigenvalue error vs eigh |")
+    print("|---|---|---|---|")
+    for r in ranks:
+        x = torch.randn(matrices, r, r, device=dev)
+        spd = x @ x.mT / r
+        jacobi = timed(lambda spd=spd: _jacobi.jacobi_eigh(spd), 20, 3, dev)
+        cusolver = timed(lambda spd=spd: torch.linalg.eigh(spd), 20, 3, dev)
+        error = (_jacobi.jacobi_eigh(spd)[0].sort(-1).values - torch.linalg.eigvalsh(spd)).abs().max().item()
+        print(f"| {r} | {jacobi:.3f} | {cusolver:.3f} | {error:.1e} |", flush=True)
+
+
+def jacobi_warps(ranks: list[int], matrices: int = 420) -> None:
+    """The Triton Jacobi kernel at each ``num_warps`` (1–8) per rank: time and eigenvalue error vs eigh."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from lorite.optim import _jacobi
+
+    dev = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}; {matrices} matrices per call")
+    print("| r | num_warps | ms | max eigenvalue error vs eigh |")
+    print("|---|---|---|---|")
+    for r in ranks:
+        x = torch.randn(matrices, r, r, device=dev)
+        spd = x @ x.mT / r
+        exact = torch.linalg.eigvalsh(spd)
+        for warps in (1, 2, 4, 8):
+            ms = timed(lambda spd=spd, w=warps: _jacobi.jacobi_eigh(spd, num_warps=w), 10, 2, dev)
+            values = _jacobi.jacobi_eigh(spd, num_warps=warps)[0]
+            error = (values.sort(-1).values - exact).abs().max().item()
+            print(f"| {r} | {warps} | {ms:.3f} | {error:.1e} |", flush=True)
+
+
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--eigh-ranks", default=None, help="comma-separated ranks: time eigh against r only")
+    parser.add_argument("--jacobi-warps", default=None, help="comma-separated ranks: the kernel's num_warps")
+    args = parser.parse_args()
+    if args.jacobi_warps:
+        jacobi_warps([int(r) for r in args.jacobi_warps.split(",")])
+    elif args.eigh_ranks:
+        eigh_by_rank([int(r) for r in args.eigh_ranks.split(",")])
+    else:
+        main()

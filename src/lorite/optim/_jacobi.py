@@ -97,9 +97,19 @@ def _sweeps(n: int) -> int:
     return 8 if n <= 16 else 10 if n <= 32 else 12
 
 
-def jacobi_eigh(A: torch.Tensor, sweeps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _warps(n: int) -> int:
+    """Warps per matrix, measured on an H100 for 420 matrices (benchmarks/linalg_primitives.py
+    --jacobi-warps): 4 warps are fastest for 16 × 16 and 32 × 32 tiles (0.20 and 1.86 ms; one warp 0.24 and
+    3.78 ms). At 64 × 64 every choice is slow (one warp 309 ms, four 437 ms; cuSOLVER's eigh 336 ms)."""
+    return 4 if n <= 32 else 1
+
+
+def jacobi_eigh(
+    A: torch.Tensor, sweeps: int | None = None, num_warps: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (unsorted) and eigenvectors (columns) of a stack of symmetric ``(B, r, r)`` fp32
-    matrices, with no host synchronisation. ``A = E diag(λ) Eᵀ``."""
+    matrices, with no host synchronisation. ``A = E diag(λ) Eᵀ``. ``sweeps``/``num_warps``: the
+    defaults by size unless given (benchmarks/linalg_primitives.py --jacobi-warps)."""
     if triton is None:
         raise RuntimeError("jacobi_eigh needs Triton (it ships with CUDA builds of torch)")
     if A.dtype != torch.float32:
@@ -112,6 +122,13 @@ def jacobi_eigh(A: torch.Tensor, sweeps: int | None = None) -> tuple[torch.Tenso
     if batch:
         partner = _round_robin(n, str(A.device))
         _jacobi_kernel[(batch,)](
-            A, values, vectors, partner, size, N=n, SWEEPS=sweeps or _sweeps(n), num_warps=1
+            A,
+            values,
+            vectors,
+            partner,
+            size,
+            N=n,
+            SWEEPS=sweeps or _sweeps(n),
+            num_warps=num_warps or _warps(n),
         )
     return values, vectors
