@@ -350,3 +350,29 @@ def test_rank_deficient_partner_is_treated_like_b_zero():
     (0.5 * ((B @ A @ X - Y) ** 2).sum() / X.shape[1]).backward()
     opt.step()
     assert torch.equal(A, A0) and torch.isfinite(B).all()
+
+
+def test_rank_tolerance_holds_back_the_partner_of_an_ill_conditioned_factor():
+    """B with min/max |R_ii| ≈ 1e-3 is full rank numerically (A moves by default, magnified by R_B⁻¹) and
+    rank deficient under rank_tolerance=1e-2 (A waits, B moves); scaling the pair does not change which."""
+    for scale in (1.0, 10.0):
+        X, Y, A, B = least_squares(r=3)
+        with torch.no_grad():
+            B[:, 1] = 1e-3 * B[:, 0] + 1e-3 * torch.randn_like(B[:, 0])
+            A.mul_(scale)
+            B.div_(scale)
+        moved = {}
+        for tolerance in (0.0, 1e-2):
+            a, b = A.detach().clone().requires_grad_(), B.detach().clone().requires_grad_()
+            opt = LoRARite([(a, b)], lr=1e-2, rank_tolerance=tolerance)
+            (0.5 * ((b @ a @ X - Y) ** 2).sum() / X.shape[1]).backward()
+            opt.step()
+            moved[tolerance] = (not torch.equal(a, A), not torch.equal(b, B))
+        assert moved == {0.0: (True, True), 1e-2: (False, True)}, (scale, moved)
+
+
+def test_rank_tolerance_is_checked():
+    X, Y, A, B = least_squares(r=3)
+    for bad in (-1e-3, 1.0):
+        with pytest.raises(ValueError, match="rank_tolerance"):
+            LoRARite([(A, B)], lr=1e-2, rank_tolerance=bad)

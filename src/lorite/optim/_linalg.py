@@ -23,18 +23,21 @@ def symmetrize(X: torch.Tensor) -> torch.Tensor:
     return (X + X.mT) * 0.5
 
 
-def cholesky_factor(gram: torch.Tensor, tolerance_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def cholesky_factor(
+    gram: torch.Tensor, tolerance_dtype: torch.dtype, relative_tolerance: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper-triangular ``R`` with ``RᵀR = gram`` for a stack of Gram matrices ``X̄ᵀX̄`` — the ``R`` of the
     thin QR ``X̄ = QR`` — and ``full_rank`` (N,).
 
     ``cholesky_ex`` never synchronises with the host. ``full_rank`` is False where the factorisation
-    failed or ``R``'s diagonal says the factor is numerically rank deficient
-    (``min|R_ii| ≤ r·ε·max|R_ii|``, ε of ``tolerance_dtype``, the data's precision); there ``R`` is 0.
+    failed or ``R``'s diagonal says the factor is rank deficient: ``min|R_ii| ≤ tol·max|R_ii|`` with
+    ``tol = max(r·ε, relative_tolerance)``, ε of ``tolerance_dtype`` (the data's precision, so by default
+    numerically singular only); there ``R`` is 0. The ratio is scale-free, like the factor's conditioning.
     """
     L, info = torch.linalg.cholesky_ex(gram)
     R = L.mT
     diagonal = R.diagonal(dim1=-2, dim2=-1).abs()
-    tolerance = gram.shape[-1] * torch.finfo(tolerance_dtype).eps
+    tolerance = max(gram.shape[-1] * torch.finfo(tolerance_dtype).eps, relative_tolerance)
     full_rank = (info == 0) & torch.isfinite(diagonal).all(dim=-1)
     full_rank &= diagonal.amin(dim=-1) > tolerance * diagonal.amax(dim=-1)
     return masked(full_rank, R, 0.0), full_rank

@@ -149,9 +149,17 @@ class LoRARite(PairOptimizer):
     ``torch.cuda.set_sync_debug_mode("error")``), so it overlaps the backward pass instead of waiting for
     it. CUDA-graph capture of the step is *not* supported yet: a captured step replays exactly while its
     learning rate stays constant, but diverges from the eager step once an lr schedule changes the lr
-    (seen on torch 2.11 + CUDA 13, cause not isolated). A factor whose Cholesky
-    fails or whose ``R`` is numerically singular (``cond ≳ 1e7``) is treated like ``B = 0``: ``R⁺ = 0``,
-    so its partner does not move that step.
+    (seen on torch 2.11 + CUDA 13, cause not isolated).
+
+    Rank guard: a factor whose Cholesky fails or whose ``R`` is rank deficient is treated like ``B = 0``:
+    ``R⁺ = 0``, so its partner does not move that step. Deficient means ``min|R_ii| ≤ tol·max|R_ii|`` with
+    ``tol = max(r·ε, rank_tolerance)``; the default ``rank_tolerance=0`` catches only numerically singular
+    factors (``cond ≳ 1e7`` at r = 16). The invariance is first order: the update of ``A`` is scaled by
+    ``R_B⁻¹``, so right after the ``B = 0`` start, while ``B`` is small and can be ill conditioned, the
+    second-order term ``δB·δA`` grows like ``η²/σ_min(B)``. Seen at r = 64 on strategyqa (one-token
+    answers), where a few of the 420 factors reach ``min/max |R_ii| ≈ 5e-4``: the loss went from 5.2 to 45
+    at step 3 at every learning rate; ``rank_tolerance=3e-3`` (those few factors wait a step or two) kept
+    it falling (docs/results.md, rank ablation).
     """
 
     transformation_invariant: ClassVar[bool] = True
@@ -159,6 +167,7 @@ class LoRARite(PairOptimizer):
         "variant": "paper",
         "betas": (0.9, 0.999),
         "weight_decay": 0.0,
+        "rank_tolerance": 0.0,
         **VARIANT_DEFAULTS["paper"],
     }
 
@@ -177,6 +186,7 @@ class LoRARite(PairOptimizer):
         clip_unmagnified_grad: float | None = None,
         update_skipping: float | None = None,
         update_capping: float | None = None,
+        rank_tolerance: float = 0.0,
         **fallback: Any,
     ) -> None:
         """Args:
@@ -188,6 +198,8 @@ class LoRARite(PairOptimizer):
         weight_decay: decoupled weight decay λ_wd.
         escape_mass, normalize_rows, eps, eps_root, clip_unmagnified_grad, update_skipping,
             update_capping: see the class docstring; ``None`` takes the variant's default.
+        rank_tolerance: treat a factor with ``min|R_ii| ≤ rank_tolerance·max|R_ii|`` as rank deficient
+            (its partner waits), on top of the numerical test; see "Rank guard" in the class docstring.
         **fallback: ``fallback_lr``, ``fallback_betas``, ``fallback_eps``, ``fallback_weight_decay`` for
             the AdamW group of unpaired parameters.
         """
@@ -205,7 +217,9 @@ class LoRARite(PairOptimizer):
         hparams = {
             key: VARIANT_DEFAULTS[variant][key] if value is None else value for key, value in chosen.items()
         }
-        hparams.update(variant=variant, betas=tuple(betas), weight_decay=weight_decay)
+        hparams.update(
+            variant=variant, betas=tuple(betas), weight_decay=weight_decay, rank_tolerance=rank_tolerance
+        )
         self._plans: dict[tuple, _Plan] = {}
         super().__init__(params, lr, hparams, **fallback)
 
@@ -230,6 +244,9 @@ class LoRARite(PairOptimizer):
                 f"{where}: eps + eps_root must be > 0 — with both 0 a zero gradient (the B = 0 start, or the "
                 "zero-grad step of distributed checkpoint loading) gives 0·∞ = NaN"
             )
+        tolerance = float(group.get("rank_tolerance", 0.0))
+        if not 0.0 <= tolerance < 1.0:
+            raise ValueError(f"{where}: rank_tolerance must be in [0, 1), got {group.get('rank_tolerance')}")
 
     # ------------------------------------------------------------------ state layout
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -349,7 +366,11 @@ class LoRARite(PairOptimizer):
             wide.append(X)
             grads.append(G)
             gradient_grams.append(G @ G.mT)  # ∇X̄ᵀ∇X̄
-        R, full = _linalg.cholesky_factor(torch.cat(grams), tolerance_dtype=plan.dtype)
+        R, full = _linalg.cholesky_factor(
+            torch.cat(grams),
+            tolerance_dtype=plan.dtype,
+            relative_tolerance=float(plan.group.get("rank_tolerance", 0.0)),  # absent in older checkpoints
+        )
         R_inv64 = _linalg.triangular_inverse(R, full)
         basis_change = R_inv64.mT @ torch.cat(crosses) @ plan.buffers["basis_inverse"].double()  # QᵀQ'
         R_inv = R_inv64.to(plan.dtype)
