@@ -8,6 +8,8 @@
 #   env: RUNS (output root, default /tmp/runs), JOBS (parallel runs, default 6), LORITE_CACHE
 # JOBS: runs on the 512-token tasks (multirc, cosmosqa) peak at 6-11 GB each on SmolLM2-135M; 9 of them
 # filled an 80 GB H100 and ran out of memory together (2026-11-25), 6 kept it at 100 % use with ~70 GB.
+# (Each worker used to keep its largest run's cached blocks, 13.8 GB after a cosmosqa run; compare's
+# workers now hand them back after every run.)
 set -u
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-/tmp/runs}
@@ -36,7 +38,7 @@ seed_from_docs() {  # seed_from_docs NAME: the finished runs committed in docs/r
   done
 }
 
-for name in "${@:-two_tasks paper_table lora_rite_ablation rank_4 rank_64 init_scale}"; do
+for name in "${@:-two_tasks paper_table lora_rite_ablation lora_rite_warmup_social_iqa rank_4 rank_64 steps_128_social_iqa steps_128_strategyqa init_scale}"; do
   for one in $name; do
     [ -f "$RUNS/$one/results.json" ] && continue
     seed_from_docs "$one"
