@@ -372,7 +372,7 @@ def test_rank_tolerance_holds_back_the_partner_of_an_ill_conditioned_factor():
 
 
 def test_rank_tolerance_is_checked():
-    X, Y, A, B = least_squares(r=3)
+    _, _, A, B = least_squares(r=3)
     for bad in (-1e-3, 1.0):
         with pytest.raises(ValueError, match="rank_tolerance"):
             LoRARite([(A, B)], lr=1e-2, rank_tolerance=bad)
