@@ -66,47 +66,49 @@ def main() -> None:
         print("no triton")
 
 
-def eigh_by_rank(ranks: list[int], matrices: int = 420) -> None:
-    """LoRA-RITE's eigendecompositions per step at each rank: ``matrices`` r × r symmetric PSD matrices
-    (420 = SmolLM2-135M's 210 pairs × 2 factors), lorite's Triton Jacobi kernel against cuSOLVER's eigh."""
+def _psd_stacks(ranks: list[int], matrices: int, header: str):
+    """lorite's Jacobi module, and per rank a stack of ``matrices`` random r × r PSD matrices on the GPU
+    (420 = SmolLM2-135M's 210 pairs × 2 factors); prints the device line and a table header first."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from lorite.optim import _jacobi
 
-    dev = torch.device("cuda")
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}; {matrices} matrices per call")
-    print("| r | Triton Jacobi ms | torch.linalg.eigh ms | max eigenvalue error vs eigh |")
-    print("|---|---|---|---|")
+    print(header + "\n" + "|---" * header.count("|", 1) + "|")
+    stacks = {}
     for r in ranks:
-        x = torch.randn(matrices, r, r, device=dev)
-        spd = x @ x.mT / r
-        jacobi = timed(lambda spd=spd: _jacobi.jacobi_eigh(spd), 20, 3, dev)
+        x = torch.randn(matrices, r, r, device="cuda")
+        stacks[r] = x @ x.mT / r
+    return _jacobi, stacks
+
+
+def eigh_by_rank(ranks: list[int], matrices: int = 420) -> None:
+    """LoRA-RITE's eigendecompositions per step at each rank: lorite's Triton Jacobi kernel against
+    cuSOLVER's eigh."""
+    header = "| r | Triton Jacobi ms | torch.linalg.eigh ms | max eigenvalue error vs eigh |"
+    jacobi_module, stacks = _psd_stacks(ranks, matrices, header)
+    dev = torch.device("cuda")
+    for r, spd in stacks.items():
+        jacobi = timed(lambda spd=spd: jacobi_module.jacobi_eigh(spd), 20, 3, dev)
         cusolver = timed(lambda spd=spd: torch.linalg.eigh(spd), 20, 3, dev)
-        error = (_jacobi.jacobi_eigh(spd)[0].sort(-1).values - torch.linalg.eigvalsh(spd)).abs().max().item()
+        values = jacobi_module.jacobi_eigh(spd)[0]
+        error = (values.sort(-1).values - torch.linalg.eigvalsh(spd)).abs().max().item()
         print(f"| {r} | {jacobi:.3f} | {cusolver:.3f} | {error:.1e} |", flush=True)
 
 
 def jacobi_warps(ranks: list[int], matrices: int = 420) -> None:
     """The Triton Jacobi kernel at each ``num_warps`` (1–8) per rank: time and eigenvalue error vs eigh."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from lorite.optim import _jacobi
-
+    jacobi_module, stacks = _psd_stacks(
+        ranks, matrices, "| r | num_warps | ms | max eigenvalue error vs eigh |"
+    )
     dev = torch.device("cuda")
-    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}; {matrices} matrices per call")
-    print("| r | num_warps | ms | max eigenvalue error vs eigh |")
-    print("|---|---|---|---|")
-    for r in ranks:
-        x = torch.randn(matrices, r, r, device=dev)
-        spd = x @ x.mT / r
+    for r, spd in stacks.items():
         exact = torch.linalg.eigvalsh(spd)
         for warps in (1, 2, 4, 8):
-            ms = timed(lambda spd=spd, w=warps: _jacobi.jacobi_eigh(spd, num_warps=w), 10, 2, dev)
-            values = _jacobi.jacobi_eigh(spd, num_warps=warps)[0]
+            ms = timed(lambda spd=spd, w=warps: jacobi_module.jacobi_eigh(spd, num_warps=w), 10, 2, dev)
+            values = jacobi_module.jacobi_eigh(spd, num_warps=warps)[0]
             error = (values.sort(-1).values - exact).abs().max().item()
             print(f"| {r} | {warps} | {ms:.3f} | {error:.1e} |", flush=True)
 
