@@ -154,12 +154,12 @@ class LoRARite(PairOptimizer):
     Rank guard: a factor whose Cholesky fails or whose ``R`` is rank deficient is treated like ``B = 0``:
     ``R⁺ = 0``, so its partner does not move that step. Deficient means ``min|R_ii| ≤ tol·max|R_ii|`` with
     ``tol = max(r·ε, rank_tolerance)``; the default ``rank_tolerance=0`` catches only numerically singular
-    factors (``cond ≳ 1e7`` at r = 16). The invariance is first order: the update of ``A`` is scaled by
-    ``R_B⁻¹``, so right after the ``B = 0`` start, while ``B`` is small and can be ill conditioned, the
-    second-order term ``δB·δA`` grows like ``η²/σ_min(B)``. Seen at r = 64 on strategyqa (one-token
-    answers), where a few of the 420 factors reach ``min/max |R_ii| ≈ 5e-4``: the loss went from 5.2 to 45
-    at step 3 at every learning rate; ``rank_tolerance=3e-3`` (those few factors wait a step or two) kept
-    it falling (docs/results.md, rank ablation).
+    factors (``r·ε`` = 1.9e-6 at r = 16 in fp32). The invariance is first order: the update of ``A`` is
+    scaled by ``R_B⁻¹``, so right after the ``B = 0`` start, while ``B`` is small and can be ill
+    conditioned, the second-order term ``δB·δA`` grows like ``η²/σ_min(B)``. Seen at r = 64 on strategyqa
+    (one-token answers), where a few of the 420 factors reach ``min/max |R_ii| ≈ 5e-4``: the loss jumped at
+    step 3 at every learning rate on the GPU (on CPU at lr 1e-2: 5.2 → 45); ``rank_tolerance=3e-3`` (those
+    few factors wait a step or two) kept it falling (docs/results.md, rank ablation).
     """
 
     transformation_invariant: ClassVar[bool] = True
