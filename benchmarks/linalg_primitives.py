@@ -4,6 +4,7 @@ on the Gemma-2B LoRA shapes (r=16). Informs lorite.optim._linalg's choices on GP
     cd benchmarks && python linalg_primitives.py
     cd benchmarks && python linalg_primitives.py --eigh-ranks 4,8,16,32,64   # eigh cost against the rank
     cd benchmarks && python linalg_primitives.py --jacobi-warps 16,32,64      # the Jacobi kernel's num_warps
+    cd benchmarks && python linalg_primitives.py --host-threads 32,64         # host LAPACK by thread count
 """
 
 from __future__ import annotations
@@ -85,17 +86,21 @@ def _psd_stacks(ranks: list[int], matrices: int, header: str):
 
 
 def eigh_by_rank(ranks: list[int], matrices: int = 420) -> None:
-    """LoRA-RITE's eigendecompositions per step at each rank: lorite's Triton Jacobi kernel against
-    cuSOLVER's eigh."""
-    header = "| r | Triton Jacobi ms | torch.linalg.eigh ms | max eigenvalue error vs eigh |"
+    """LoRA-RITE's eigendecompositions per step at each rank: lorite's Triton Jacobi kernel, cuSOLVER's
+    eigh, and LAPACK on the host (copy there and back included; ``_linalg.eigh_small``'s route for r > 32)."""
+    header = (
+        f"| r | Triton Jacobi ms | torch.linalg.eigh ms | host LAPACK ms ({torch.get_num_threads()} threads) "
+        "| max eigenvalue error vs eigh |"
+    )
     jacobi_module, stacks = _psd_stacks(ranks, matrices, header)
     dev = torch.device("cuda")
     for r, spd in stacks.items():
         jacobi = timed(lambda spd=spd: jacobi_module.jacobi_eigh(spd), 20, 3, dev)
         cusolver = timed(lambda spd=spd: torch.linalg.eigh(spd), 20, 3, dev)
+        host = timed(lambda spd=spd: [t.to(dev) for t in torch.linalg.eigh(spd.cpu())], 20, 3, dev)
         values = jacobi_module.jacobi_eigh(spd)[0]
         error = (values.sort(-1).values - torch.linalg.eigvalsh(spd)).abs().max().item()
-        print(f"| {r} | {jacobi:.3f} | {cusolver:.3f} | {error:.1e} |", flush=True)
+        print(f"| {r} | {jacobi:.3f} | {cusolver:.3f} | {host:.3f} | {error:.1e} |", flush=True)
 
 
 def jacobi_warps(ranks: list[int], matrices: int = 420) -> None:
@@ -113,12 +118,28 @@ def jacobi_warps(ranks: list[int], matrices: int = 420) -> None:
             print(f"| {r} | {warps} | {ms:.3f} | {error:.1e} |", flush=True)
 
 
+def host_threads(ranks: list[int], matrices: int = 420) -> None:
+    """``eigh`` and ``eigvalsh`` of CUDA stacks on the host (``_linalg``'s route for r > 32) at 1–16 CPU
+    threads, copies included: does the host route gain from threads?"""
+    _, stacks = _psd_stacks(ranks, matrices, "| r | threads | eigh ms | eigvalsh ms |")
+    dev = torch.device("cuda")
+    for r, spd in stacks.items():
+        for threads in (1, 2, 4, 8, 16):
+            torch.set_num_threads(threads)
+            eigh = timed(lambda spd=spd: [t.to(dev) for t in torch.linalg.eigh(spd.cpu())], 15, 3, dev)
+            values = timed(lambda spd=spd: torch.linalg.eigvalsh(spd.cpu()).to(dev), 15, 3, dev)
+            print(f"| {r} | {threads} | {eigh:.1f} | {values:.1f} |", flush=True)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--eigh-ranks", default=None, help="comma-separated ranks: time eigh against r only")
     parser.add_argument("--jacobi-warps", default=None, help="comma-separated ranks: the kernel's num_warps")
+    parser.add_argument("--host-threads", default=None, help="comma-separated ranks: host eigh by threads")
     args = parser.parse_args()
-    if args.jacobi_warps:
+    if args.host_threads:
+        host_threads([int(r) for r in args.host_threads.split(",")])
+    elif args.jacobi_warps:
         jacobi_warps([int(r) for r in args.jacobi_warps.split(",")])
     elif args.eigh_ranks:
         eigh_by_rank([int(r) for r in args.eigh_ranks.split(",")])

@@ -84,3 +84,24 @@ def test_gpu_path_follows_the_per_pair_reference():
         ours_deltas = {k: v.cpu() for k, v in deltas(ours_model).items()}
         worst = max(worst, max_relative_gap(deltas(ref_model), ours_deltas))
     assert worst < 1e-4, f"GPU path drifted {worst:.2e} from the CPU per-pair reference"
+
+
+@pytest.mark.parametrize("rank", [16, 64])
+def test_small_eigh_routes_and_matches_lapack(rank):
+    """r ≤ 32: the sync-free Jacobi kernel (when Triton is there); r > 32: LAPACK on the host, except under
+    CUDA-graph capture. Both match LAPACK."""
+    from lorite.optim import _jacobi, _linalg
+
+    x = torch.randn(420, rank, rank, generator=torch.Generator().manual_seed(rank))
+    V = (x @ x.mT / rank).cuda()
+    expected_route = (
+        "host" if rank > _linalg.HOST_EIGH_ABOVE else "jacobi" if _jacobi.available() else "torch"
+    )
+    assert _linalg._eigh_route(V) == expected_route
+    values, vectors = _linalg.eigh_small(V)
+    assert values.is_cuda and vectors.is_cuda and values.dtype == torch.float32
+    exact = torch.linalg.eigvalsh(V.cpu().double())
+    assert (values.cpu().double().sort(-1).values - exact).abs().max() < 1e-4 * exact.abs().max()
+    rebuilt = vectors @ torch.diag_embed(values) @ vectors.mT
+    assert (rebuilt - V).abs().max() < 1e-4 * V.abs().max()
+    assert (_linalg.eigvalsh_small(V).sort(-1).values.cpu().double() - exact).abs().max() < 1e-4 * exact.max()

@@ -2,7 +2,8 @@
 
 Every function takes stacks of small matrices (``(N, r, r)``) so that one library call serves all LoRA
 pairs of equal rank, and works in the dtype it is given — callers promote to at least float32 first,
-because CUDA's ``qr``/``eigh``/``svd`` reject bf16/fp16. Nothing here reads tensor values on the host.
+because CUDA's ``qr``/``eigh``/``svd`` reject bf16/fp16. Nothing here reads tensor values on the host,
+except the eigendecompositions of CUDA matrices larger than 32 × 32 (see :func:`eigh_small`).
 """
 
 from __future__ import annotations
@@ -62,26 +63,59 @@ def triangular_inverse(R: torch.Tensor, full_rank: torch.Tensor) -> torch.Tensor
     return masked(full_rank, torch.linalg.solve_triangular(safe, eye, upper=True), 0.0)
 
 
-def eigh_small(V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues and eigenvectors of a stack of small symmetric matrices, without a host sync on CUDA.
+HOST_EIGH_ABOVE = 32
+"""CUDA stacks of matrices larger than this are decomposed by LAPACK on the host (see :func:`eigh_small`)."""
 
-    CUDA fp32: lorite's Triton Jacobi kernel (``torch.linalg.eigh`` there checks cuSOLVER's status with a
-    host synchronisation). Elsewhere (CPU; fp64; no Triton): ``torch.linalg.eigh``. Eigenvalues are not
-    sorted on the Triton path; sort them where order matters.
-    """
+
+def _eigh_route(V: torch.Tensor) -> str:
+    """Which solver :func:`eigh_small` uses for ``V``: ``"jacobi"``, ``"host"`` or ``"torch"``."""
     from . import _jacobi
 
-    if V.is_cuda and V.dtype == torch.float32 and _jacobi.available():
+    if not V.is_cuda:
+        return "torch"
+    capturing = torch.cuda.is_current_stream_capturing()
+    if V.shape[-1] > HOST_EIGH_ABOVE and not capturing:
+        return "host"
+    if V.dtype == torch.float32 and _jacobi.available():
+        return "jacobi"
+    return "torch"
+
+
+def eigh_small(V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues and eigenvectors of a stack of small symmetric matrices.
+
+    - CPU: ``torch.linalg.eigh`` (LAPACK).
+    - CUDA, ``r ≤ 32`` (``HOST_EIGH_ABOVE``), fp32: lorite's Triton Jacobi kernel, which never
+      synchronises with the host (``torch.linalg.eigh`` there checks cuSOLVER's status with ``.item()``).
+    - CUDA, ``r > 32``: copied to the host and decomposed by LAPACK — one synchronisation, but 420
+      64 × 64 matrices take ~0.3 s on an H100 with either the Jacobi kernel (it spills registers) or
+      cuSOLVER (a loop of per-matrix ``syevd`` calls) and tens of ms on the host
+      (benchmarks/RESULTS.md). While a CUDA graph is being captured the Jacobi kernel is used instead.
+    - Otherwise (fp64 on CUDA, no Triton): ``torch.linalg.eigh``.
+
+    Eigenvalues are not sorted on the Triton path; sort them where order matters.
+    """
+    route = _eigh_route(V)
+    if route == "jacobi":
+        from . import _jacobi
+
         return _jacobi.jacobi_eigh(V)
+    if route == "host":
+        values, vectors = torch.linalg.eigh(V.cpu())
+        return values.to(V.device), vectors.to(V.device)
     return torch.linalg.eigh(V)
 
 
 def eigvalsh_small(V: torch.Tensor) -> torch.Tensor:
-    """Eigenvalues (unsorted on CUDA) of a stack of small symmetric matrices; see :func:`eigh_small`."""
-    from . import _jacobi
+    """Eigenvalues (unsorted on the Jacobi path) of a stack of small symmetric matrices; routes as
+    :func:`eigh_small`."""
+    route = _eigh_route(V)
+    if route == "jacobi":
+        from . import _jacobi
 
-    if V.is_cuda and V.dtype == torch.float32 and _jacobi.available():
         return _jacobi.jacobi_eigh(V)[0]
+    if route == "host":
+        return torch.linalg.eigvalsh(V.cpu()).to(V.device)
     return torch.linalg.eigvalsh(V)
 
 
