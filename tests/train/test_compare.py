@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -117,7 +118,7 @@ def _tiny_comparison(tmp_path, **settings) -> tuple[str, FinetuneConfig]:
 
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_a_failed_run_is_retried_once_then_reported_not_fatal(tmp_path, capsys, jobs):
-    """Runs sharing a GPU can run out of memory together: a failed run goes back to the queue once; one
+    """Runs sharing a GPU can run out of memory together: a failed run is run again once; one
     that fails again is reported as failed (NaN test score, listed), and the rest of the table stands.
     jobs=1 too: a comparison in one process beside others on the GPU fails the same way (it crashed)."""
     task, base = _tiny_comparison(tmp_path, steps=2, n_validation=8, n_test=8)
@@ -132,6 +133,25 @@ def test_a_failed_run_is_retried_once_then_reported_not_fatal(tmp_path, capsys, 
     assert entry["adamw"]["failed_runs"] == [] and 0 <= entry["adamw"]["test_score"][0] <= 1
     assert not (out / task.replace("/", "__") / "broken" / "lr0.001_seed0" / "metrics.json").exists()
     assert (out / "report.md").exists()
+
+
+def test_a_failed_run_is_retried_alone_after_the_runs_in_flight(tmp_path, capsys):
+    """Runs that ran out of GPU memory together failed together again when put straight back (7
+    cosmosqa runs on an H100): the retry waits until the runs in flight are done and runs alone."""
+    task, base = _tiny_comparison(tmp_path, steps=2, n_validation=8, n_test=8)
+    broken = {"label": "broken", "optimizer": "adamw", "args": {"no_such_argument": 1}}
+    grids = {"broken": [1e-3], "adamw": [1e-3, 3e-3]}
+    compare([task], [broken, "adamw"], grids, 1, base, tmp_path / "cmp", jobs=2, zero_shot=False)
+    printed = capsys.readouterr().out.splitlines()
+    pattern = re.compile(r"^(FAILED|done) .*/(broken|adamw)/(lr[0-9.e-]+_seed0)")
+    events = [" ".join(m.groups()) for line in printed if (m := pattern.match(line))]
+    assert events == [
+        "FAILED broken lr0.001_seed0",
+        "done adamw lr0.001_seed0",  # in flight when broken failed: the retry waits for it
+        "FAILED broken lr0.001_seed0",  # alone; nothing new starts beside it
+        "done broken lr0.001_seed0",  # reported as failed
+        "done adamw lr0.003_seed0",
+    ], events
 
 
 def test_mean_std_ignores_runs_without_a_score():

@@ -297,7 +297,7 @@ def compare(
     failed_once: set[RunSpec] = set()
 
     def collect(run: RunSpec, get_result) -> dict | None:
-        """The run's metrics; None when it failed for the first time (it goes back to the queue)."""
+        """The run's metrics; None when it failed for the first time (it is run again, once)."""
         try:
             result = get_result()
         except Exception as error:  # one failed run (e.g. out of memory) must not sink the rest
@@ -341,19 +341,27 @@ def compare(
         queue = [run for task in tasks for run in schedule.grid_runs[task]]  # in priority order
         pending_grid = {task: len(schedule.grid_runs[task]) for task in tasks}
         in_flight: dict = {}
+        # A run that failed once runs again alone, after the runs in flight, before any new one: runs that
+        # ran out of GPU memory together and were put back beside each other failed together again.
+        retry: list[RunSpec] = []
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            while queue or in_flight:
-                while queue and len(in_flight) < jobs:
+            while queue or in_flight or retry:
+                if retry and not in_flight:
+                    run = retry.pop(0)
+                    in_flight[execute(run, pool)] = run
+                while not retry and queue and len(in_flight) < jobs:
                     run = queue.pop(0)
                     if run in results or run in in_flight.values():
                         continue
                     in_flight[execute(run, pool)] = run
+                if not in_flight:
+                    continue
                 done, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
                 for future in done:
                     run = in_flight.pop(future)
                     result = collect(run, lambda done_future=future: done_future.result()[1])
-                    if result is None:  # retried after the runs now in flight, before any new one
-                        queue.insert(0, run)
+                    if result is None:
+                        retry.append(run)
                         continue
                     results[run] = result
                     if run.seed != 0 or run.lr not in schedule.task_grids[(run.task, run.spec.label)]:
