@@ -33,5 +33,20 @@ def test_the_paper_table_covers_every_registry_optimizer_and_the_five_dev_tasks(
         (Path(__file__).parent.parent / "benchmarks" / "configs" / "paper_table.json").read_text()
     )
     # GaLore and Fira (issue 7) are full-weight pre-training optimizers, not in the LoRA-RITE paper's table
-    assert set(config["optimizers"]) == set(available()) - {"galore_adamw", "fira_adamw"}
+    assert {s.optimizer for s in parse_optimizers(config["optimizers"])} == set(available()) - {
+        "galore_adamw",
+        "fira_adamw",
+    }
     assert len(config["tasks"]) == 5 and config["seeds"] == 3
+
+
+def test_configs_published_before_the_rank_guard_pin_lora_rite_to_rank_tolerance_0():
+    """docs/results.md's LoRA-RITE numbers before the rank guard became the default (3e-3) were run
+    with rank_tolerance 0; their configs must keep reproducing them."""
+    for path in CONFIGS:
+        if "guarded" in path.stem:
+            continue
+        specs = parse_optimizers(_compare_config(str(path))["optimizers"])
+        for spec in specs:
+            if spec.optimizer.startswith("lora_rite"):
+                assert spec.args.get("rank_tolerance") == 0.0, (path.name, spec.label)

@@ -353,8 +353,9 @@ def test_rank_deficient_partner_is_treated_like_b_zero():
 
 
 def test_rank_tolerance_holds_back_the_partner_of_an_ill_conditioned_factor():
-    """B with min/max |R_ii| ≈ 1e-3 is full rank numerically (A moves by default, magnified by R_B⁻¹) and
-    rank deficient under rank_tolerance=1e-2 (A waits, B moves); scaling the pair does not change which."""
+    """B with min/max |R_ii| ≈ 1e-3 is full rank numerically (with rank_tolerance=0, Algorithm 1 as
+    published, A moves, magnified by R_B⁻¹) and rank deficient under the default 3e-3 and under 1e-2 (A
+    waits, B moves); scaling the pair does not change which."""
     for scale in (1.0, 10.0):
         X, Y, A, B = least_squares(r=3)
         with torch.no_grad():
@@ -362,13 +363,14 @@ def test_rank_tolerance_holds_back_the_partner_of_an_ill_conditioned_factor():
             A.mul_(scale)
             B.div_(scale)
         moved = {}
-        for tolerance in (0.0, 1e-2):
+        for tolerance in (0.0, "default", 1e-2):
             a, b = A.detach().clone().requires_grad_(), B.detach().clone().requires_grad_()
-            opt = LoRARite([(a, b)], lr=1e-2, rank_tolerance=tolerance)
+            chosen = {} if tolerance == "default" else {"rank_tolerance": tolerance}
+            opt = LoRARite([(a, b)], lr=1e-2, **chosen)
             (0.5 * ((b @ a @ X - Y) ** 2).sum() / X.shape[1]).backward()
             opt.step()
             moved[tolerance] = (not torch.equal(a, A), not torch.equal(b, B))
-        assert moved == {0.0: (True, True), 1e-2: (False, True)}, (scale, moved)
+        assert moved == {0.0: (True, True), "default": (False, True), 1e-2: (False, True)}, (scale, moved)
 
 
 def test_rank_tolerance_is_checked():
