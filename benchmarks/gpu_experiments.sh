@@ -38,7 +38,7 @@ seed_from_docs() {  # seed_from_docs NAME: the finished runs committed in docs/r
   done
 }
 
-for name in "${@:-two_tasks paper_table lora_rite_ablation lora_rite_warmup_social_iqa rank_4 rank_64 steps_128_social_iqa steps_128_strategyqa init_scale}"; do
+for name in "${@:-two_tasks paper_table lora_rite_ablation lora_rite_warmup_social_iqa rank_4 rank_64 steps_128_social_iqa steps_128_strategyqa steps_128_cosmosqa rank_64_guarded rank_16_guarded init_scale}"; do
   for one in $name; do
     [ -f "$RUNS/$one/results.json" ] && continue
     seed_from_docs "$one"
