@@ -73,8 +73,7 @@ def _eigh_route(V: torch.Tensor) -> str:
 
     if not V.is_cuda:
         return "torch"
-    capturing = torch.cuda.is_current_stream_capturing()
-    if V.shape[-1] > HOST_EIGH_ABOVE and not capturing:
+    if V.shape[-1] > HOST_EIGH_ABOVE and not torch.cuda.is_current_stream_capturing():
         return "host"
     if V.dtype == torch.float32 and _jacobi.available():
         return "jacobi"

@@ -148,9 +148,10 @@ class LoRARite(PairOptimizer):
     synchronises with the host there), and LAPACK on the host above (both GPU solvers take ~0.3 s per
     step's worth of 64 × 64 matrices; see ``_linalg.eigh_small``). Up to r = 32 ``step()`` reads no
     tensor value on the host (``tests/gpu`` checks it with ``torch.cuda.set_sync_debug_mode("error")``),
-    so it overlaps the backward pass instead of waiting for it. CUDA-graph capture of the step is *not* supported yet: a captured step replays exactly while its
-    learning rate stays constant, but diverges from the eager step once an lr schedule changes the lr
-    (seen on torch 2.11 + CUDA 13, cause not isolated).
+    so it overlaps the backward pass instead of waiting for it. CUDA-graph capture of the step is *not*
+    supported yet: a captured step replays exactly while its learning rate stays constant, but diverges
+    from the eager step once an lr schedule changes the lr (seen on torch 2.11 + CUDA 13, cause not
+    isolated).
 
     Rank guard (not in the paper): a factor whose Cholesky fails or whose ``R`` is rank deficient is
     treated like ``B = 0``: ``R⁺ = 0``, so its partner does not move that step. Deficient means
@@ -161,9 +162,9 @@ class LoRARite(PairOptimizer):
     (one-token answers), where a few of the 420 factors reach ``min/max |R_ii| ≈ 5e-4``: with
     ``rank_tolerance=0`` (Algorithm 1 as published) the loss jumped from 8.6 to 20–40 at step 3 at every
     learning rate on the GPU and stayed there (on CPU at lr 1e-2: 5.2 → 45). The default 3e-3 (those few
-    factors wait a step or two) trained normally there (loss 0.34 at lr 1e-3–1e-2), and on the paper
-    table's r = 16 setting it left every validation score of the learning-rate grid unchanged on
-    social_iqa and strategyqa (docs/results.md, rank ablation). The ratio is unchanged by a scalar
+    factors wait a step or two) trained normally there (loss 0.34 at lr 1e-3–1e-2). On the paper table's
+    r = 16 setting it never fired on three of the five tasks (bit-identical runs) and moved the other
+    two within noise (docs/results.md, rank ablation). The ratio is unchanged by a scalar
     rescaling of the pair; it bounds the factor's conditioning (``σ_min/σ_max ≤ min/max |R_ii|``).
     """
 
@@ -375,9 +376,8 @@ class LoRARite(PairOptimizer):
         R, full = _linalg.cholesky_factor(
             torch.cat(grams),
             tolerance_dtype=plan.dtype,
-            relative_tolerance=float(
-                plan.group.get("rank_tolerance", 0.0)
-            ),  # older checkpoints ran without it
+            # a group from a checkpoint older than the option ran without it
+            relative_tolerance=float(plan.group.get("rank_tolerance", 0.0)),
         )
         R_inv64 = _linalg.triangular_inverse(R, full)
         basis_change = R_inv64.mT @ torch.cat(crosses) @ plan.buffers["basis_inverse"].double()  # QᵀQ'
