@@ -14,11 +14,11 @@ import argparse
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 
-from lorite.data.bigbench import load_task, split_examples
 from lorite.models import load_causal_lm
 from lorite.optim import LoRARiteFactory
-from lorite.train.eval import evaluate_task
-from lorite.train.examples import collate, encode_examples
+from lorite.tasks import load_task, split_examples
+from lorite.tasks.encoding import Encoded, collate, encode_examples
+from lorite.tasks.evaluation import evaluate_task
 
 
 def main() -> None:
@@ -39,8 +39,6 @@ def main() -> None:
     ]
 
     def collator(rows):
-        from lorite.train.examples import Encoded
-
         return collate([Encoded(r["input_ids"], r["labels"]) for r in rows], tokenizer.pad_token_id)
 
     training = TrainingArguments(

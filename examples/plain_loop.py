@@ -10,11 +10,11 @@ import argparse
 import torch
 from peft import LoraConfig, get_peft_model
 
-from lorite.data.bigbench import load_task, split_examples
 from lorite.models import load_causal_lm
 from lorite.optim import create
-from lorite.train.eval import evaluate_task
-from lorite.train.examples import collate, encode_examples, lm_loss
+from lorite.tasks import load_task, split_examples
+from lorite.tasks.encoding import collate, encode_examples, lm_loss
+from lorite.tasks.evaluation import evaluate_task
 
 
 def main() -> None:

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lorite.cli import _compare_config
-from lorite.train.compare import parse_lrs, parse_optimizers
+from lorite.train.compare import load_config, parse_lrs, parse_optimizers
 from lorite.train.finetune import FinetuneConfig
 
 CONFIGS = sorted((Path(__file__).parent.parent / "benchmarks" / "configs").glob("*.json"))
@@ -16,7 +15,7 @@ CONFIGS = sorted((Path(__file__).parent.parent / "benchmarks" / "configs").glob(
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_config_is_a_valid_comparison(path):
-    config = _compare_config(str(path))
+    config = load_config(str(path))
     specs = parse_optimizers(config["optimizers"])
     grids = parse_lrs(config.get("lrs", "auto"), config["optimizers"])
     assert set(grids) == {s.label for s in specs}
@@ -46,7 +45,7 @@ def test_configs_published_before_the_rank_guard_pin_lora_rite_to_rank_tolerance
     for path in CONFIGS:
         if "guarded" in path.stem:
             continue
-        specs = parse_optimizers(_compare_config(str(path))["optimizers"])
+        specs = parse_optimizers(load_config(str(path))["optimizers"])
         for spec in specs:
             if spec.optimizer.startswith("lora_rite"):
                 assert spec.args.get("rank_tolerance") == 0.0, (path.name, spec.label)

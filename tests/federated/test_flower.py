@@ -13,7 +13,8 @@ import pytest
 import torch
 from fed_helpers import digits_spec
 
-from lorite.federated.runner import RunSpec, run
+from lorite.federated.runner import run
+from lorite.federated.server import RunSpec
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("flwr") is None, reason="flwr is not installed")
 

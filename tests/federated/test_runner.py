@@ -13,7 +13,8 @@ from fed_helpers import digits_spec
 from lorite.cli import main
 from lorite.federated.core import ClientUpdate, apply_round
 from lorite.federated.data import dirichlet_partition
-from lorite.federated.runner import FederatedServer, run, run_inprocess
+from lorite.federated.runner import run, run_inprocess
+from lorite.federated.server import FederatedClient, FederatedServer, load_final_parameters, open_run
 
 
 def test_dirichlet_partition_is_a_partition_and_alpha_controls_heterogeneity():
@@ -60,7 +61,6 @@ def test_non_finite_and_dropped_clients_are_excluded_and_logged(caplog):
 
     # the same round aggregated from the three good replies only gives the same state
     reference = FederatedServer(spec, None, progress=None)
-    from lorite.federated.runner import FederatedClient
 
     client = FederatedClient(spec, reference.task, reference.algorithm)
     config = reference.round_config(1)
@@ -100,7 +100,6 @@ def test_resume_gives_the_same_run(tmp_path, algorithm):
     run(full, tmp_path / "full", progress=None)
     half = digits_spec(algorithm, rounds=2, **extra)
     run(half, tmp_path / "half", progress=None)
-    from lorite.federated.runner import open_run
 
     spec = open_run(tmp_path / "half", rounds=4)
     lines = []
@@ -123,7 +122,6 @@ def test_warm_start_from_a_fedavg_run(tmp_path):
     run(digits_spec("fedavg", rounds=2), tmp_path / "avg", progress=None)
     spec = digits_spec("fedep", rounds=1, warm_start_from=str(tmp_path / "avg"))
     server = FederatedServer(spec, None, progress=None)
-    from lorite.federated.runner import load_final_parameters
 
     warm = load_final_parameters(tmp_path / "avg")
     mean = server.algorithm.model_parameters(server.state)
@@ -142,7 +140,7 @@ def test_cli_federate_runs_resumes_and_rejects_bad_input(tmp_path, capsys):
     assert main(["federate", "--resume", str(out), "--rounds", "3"]) == 0
     assert "round 3/3" in capsys.readouterr().out
     bad = [
-        (args, "already holds files"),
+        (args, "already exists and holds files"),
         (["federate", "--out", str(tmp_path / "x"), "--algo", "fedprox"], "unknown --algo"),
         (["federate", "--out", str(tmp_path / "x"), "--clients", "3", "--clients-per-round", "5"], "exceeds"),
         (["federate", "--out", str(tmp_path / "x"), "--engine", "spark"], "unknown engine"),

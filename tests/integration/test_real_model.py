@@ -39,11 +39,14 @@ def test_smollm2_lora_rite_loss_falls_on_social_iqa(real_model, real_data, tmp_p
 
 
 def test_shakespeare_corpus(real_data):
-    from lorite.data.corpora import load_corpus, split_documents
+    from lorite.data.corpora import load_corpus
+    from lorite.tasks import split_documents
 
     works = load_corpus("shakespeare")
     titles = {w.title for w in works}
     assert {"hamlet", "tempest", "sonnets"} <= titles and len(works) > 35
     assert "To be, or not to be" in next(w.text for w in works if w.title == "hamlet")
-    train, heldout = split_documents(works, 4, seed=0)
-    assert len(heldout) == 4 and not {w.title for w in train} & {w.title for w in heldout}
+    splits = split_documents(works, seed=0)
+    heldout = splits.heldout
+    assert len(heldout) == max(2, len(works) // 10) and len(splits.validation) == len(heldout) // 2
+    assert not {w.title for w in splits.train} & {w.title for w in heldout}

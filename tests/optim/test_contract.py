@@ -10,7 +10,7 @@ they project the LoRA factors (Fira's fine-tuning script in effect). Not applica
 ``test_strict_mode_refuses_unpaired_and_lora_free_models`` and ``test_bad_inputs_raise_clear_errors`` (the
 LoRA *pairs* API: ``strict=``, ``(A, B)`` tuples; their own input errors are in test_lowrank.py), and the
 LoRA-specific transformation-invariance tests (test_lora_rite.py, test_baselines.py,
-benchmarks/invariance.py): GaLore and Fira act on each matrix alone and claim no invariance.
+benchmarks/speed/invariance.py): GaLore and Fira act on each matrix alone and claim no invariance.
 """
 
 from __future__ import annotations

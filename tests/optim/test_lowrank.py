@@ -2,7 +2,7 @@
 §4 invariants, a float64 re-implementation of the official algorithm (spec §2.2, written here from the
 spec), the projector's refresh methods, model discovery and input errors.
 
-The LoRA-specific invariance tests (test_lora_rite.py, benchmarks/invariance.py) do not apply: GaLore
+The LoRA-specific invariance tests (test_lora_rite.py, benchmarks/speed/invariance.py) do not apply: GaLore
 and Fira act on full weight matrices and make no transformation-invariance claim.
 """
 

@@ -94,28 +94,6 @@ def test_accelerate_launch_equals_one_process(tmp_path, flags, engine):
 
 
 @pytest.mark.parametrize(
-    ("env", "parallel", "expected"),
-    [
-        ({}, "none", "none"),
-        ({"WORLD_SIZE": "2"}, "ddp", "ddp"),  # torchrun: --parallel as given
-        ({"ACCELERATE_MIXED_PRECISION": "no", "WORLD_SIZE": "2"}, "none", "ddp"),
-        ({"ACCELERATE_MIXED_PRECISION": "no", "WORLD_SIZE": "1"}, "none", "none"),
-        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "WORLD_SIZE": "2"}, "none", "fsdp2"),
-        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "WORLD_SIZE": "2"}, "fsdp2", "fsdp2"),
-    ],
-)
-def test_engine_follows_accelerate(monkeypatch, env, parallel, expected):
-    from lorite.train.distributed import resolve_engine
-
-    for name in list(os.environ):
-        if name.startswith(("ACCELERATE_", "FSDP_")) or name == "WORLD_SIZE":
-            monkeypatch.delenv(name)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    assert resolve_engine(parallel) == expected
-
-
-@pytest.mark.parametrize(
     ("env", "parallel", "message"),
     [
         ({"ACCELERATE_USE_DEEPSPEED": "true"}, "ddp", "DeepSpeed ZeRO is not supported"),

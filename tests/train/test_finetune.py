@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from helpers import tiny_model_dir, write_task
 from lorite.errors import LoriteError
-from lorite.train.finetune import FinetuneConfig, batch_indices, finetune, lr_lambda
+from lorite.train.finetune import FinetuneConfig, batch_indices, finetune
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +79,6 @@ def test_data_order_is_a_function_of_seed_and_step_only():
     assert first != [batch_indices(10, 4, seed=2, step=s, micro=0, grad_accum=1) for s in range(5)]
     # accumulation: micro-batches of one step are the consecutive slices of the same stream
     assert batch_indices(10, 2, 1, step=1, micro=0, grad_accum=2) == first[1][:2]
-
-
-def test_schedule_warms_up_then_decays():
-    f = lr_lambda(steps=10, warmup=2, schedule="cosine")
-    assert [round(f(s), 3) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
-    assert f(9) < 0.05
-    assert lr_lambda(10, 2, "linear")(6) == pytest.approx(0.5)
-    assert lr_lambda(10, 2, "constant")(9) == 1.0
 
 
 def test_language_model_corpus_task(setup, monkeypatch, tmp_path):

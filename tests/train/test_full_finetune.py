@@ -11,7 +11,7 @@ import torch
 from helpers import tiny_model_dir, write_task
 from lorite.cli import main
 from lorite.errors import LoriteError
-from lorite.train.finetune import FinetuneConfig, evaluate, finetune, load_task_data
+from lorite.train.finetune import FinetuneConfig, data_for, evaluate, finetune
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_full_finetuning_trains_every_weight_and_saves_a_loadable_model(setup, t
     assert unchanged == [], f"every weight trains, these did not: {unchanged}"
     # the saved model reproduces the run's own validation numbers
     cfg = config(setup, steps=30)
-    again = evaluate(tuned, tuned_tokenizer, load_task_data(cfg, tuned_tokenizer), "validation", cfg, False)
+    again = evaluate(tuned, tuned_tokenizer, data_for(cfg, tuned_tokenizer), "validation", cfg, False)
     assert again == result["validation"]
 
 

@@ -24,6 +24,8 @@ dense ``m×m`` matrix and the forward never builds an ``m×n`` update: it costs 
 like a LoRA whose factors are frozen with a trainable diagonal between them. Only merging (and
 :func:`unload_loldu`) forms ``B·diag(z)·Ũ_r``, once.
 
+Fine-tuning with it (``lorite finetune --method loldu``) is :mod:`lorite.train.methods.loldu`.
+
 Optimizers: LoLDU has no LoRA ``(A, B)`` pairs, so lorite's pair optimizers (``lora_rite``, ``lora_plus``,
 ``scaled_adam``, ``shampoo``, ``lamb``…) put every ``z`` into their AdamW fallback group and train it as
 AdamW would (``fallback_lr`` defaults to ``lr``). Use ``adamw``; the others work but add nothing. Because
@@ -43,6 +45,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..cache import atomic_directory
 
 SELECTIONS = ("lu", "svd")
 INIT_METHODS = ("lu", "uniform", "s_uniform", "normal", "s_normal", "constant", "ones", "zeros")
@@ -465,9 +469,7 @@ def save_loldu(model: nn.Module, directory: str | Path, state_dict: dict | None 
     ``loldu_config.json``. ``B``, ``Ũ_r`` are not saved: :func:`load_loldu` recomputes them from the base
     model, so an adapter is ``r`` floats and ``r`` integers per matrix. ``state_dict``: the whole model's
     tensors by name, when the modules' own are sharded (FSDP2)."""
-    from safetensors.torch import save_file
-
-    from ..cache import atomic_directory
+    from safetensors.torch import save_file  # optional dependency (lorite[peft])
 
     layers = loldu_modules(model)
     if not layers:
@@ -497,7 +499,7 @@ def load_loldu(model: nn.Module, directory: str | Path) -> nn.Module:
         ValueError: a malformed adapter, a model without the saved layers, or other pivots (another base
             model, or a near-tie that another device broke differently).
     """
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # optional dependency (lorite[peft])
 
     directory = Path(directory)
     if not (directory / CONFIG_FILE).exists() or not (directory / WEIGHTS_FILE).exists():
@@ -530,55 +532,3 @@ def load_loldu(model: nn.Module, directory: str | Path) -> nn.Module:
             layer.z.copy_(tensors[f"{name}.z"])
             layer.scale.copy_(tensors[f"{name}.scale"].reshape(()))
     return model
-
-
-# ------------------------------------------------------------------------------------------ lorite finetune
-def prepare_for_finetune(model: nn.Module, config) -> nn.Module:
-    """``lorite finetune --method loldu``: LoLDU with ``config.rank``, ``config.target_modules``,
-    ``alpha = config.alpha`` (None: 1, i.e. σ = 1/r as the authors) and ``config.method_args``
-    (``init_method``, ``train_scale``, ``selection``, ``decompose_dtype``). Bad settings raise
-    :class:`lorite.errors.LoriteError`. Warns when ``config.optimizer`` is a pair optimizer: it
-    trains the diagonals with its AdamW fallback group."""
-    from ..errors import LoriteError
-    from ..optim import PairOptimizer, create
-
-    args = dict(getattr(config, "method_args", None) or {})
-    allowed = {"init_method", "train_scale", "selection", "decompose_dtype"}
-    if set(args) - allowed:
-        raise LoriteError(
-            f"--method-args for loldu: unknown {sorted(set(args) - allowed)}; allowed {sorted(allowed)}"
-        )
-    if config.dropout:
-        raise LoriteError("--dropout: LoLDU has no dropout (its adapter path is a fixed low-rank map); use 0")
-    if config.init_scale != 1.0:
-        raise LoriteError("init_scale rescales LoRA factors; LoLDU has none (use 1)")
-    loldu = LoLDUConfig(
-        rank=config.rank, alpha=1.0 if config.alpha is None else config.alpha,
-        target_modules=config.target_modules, **args,
-    )  # fmt: skip
-    from ..train.finetune import pick_device
-
-    model.to(
-        pick_device(config.device)
-    )  # decompose where the model will train (the GPU: seconds, not minutes)
-    try:
-        apply_loldu(model, loldu)
-    except (ValueError, TypeError) as error:
-        raise LoriteError(str(error)) from error
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the pair optimizers' own "no LoRA pairs" warning, said better below
-        probe = create(config.optimizer, model, lr=config.lr, **config.optimizer_kwargs)
-    if isinstance(probe, PairOptimizer):
-        warnings.warn(
-            f"--optimizer {config.optimizer} is a LoRA pair optimizer, and LoLDU has no (A, B) pairs: it "
-            "trains the LoLDU diagonals with its AdamW fallback group (fallback_lr defaults to --lr), i.e. "
-            "as --optimizer adamw would",
-            stacklevel=2,
-        )
-    del probe
-    return model
-
-
-def save_for_finetune(model: nn.Module, out: Path, state_dict: dict | None = None) -> None:
-    """The adapter in ``out/adapter/`` (see :func:`save_loldu`)."""
-    save_loldu(model, Path(out) / "adapter", state_dict)

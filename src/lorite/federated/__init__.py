@@ -26,7 +26,7 @@ _EXPORTS = {
     "FedPA": "fedpa",
     "FedPAConfig": "fedpa",
     "DataSpec": "data",
-    "RunSpec": "runner",
+    "RunSpec": "server",
     "run": "runner",
 }
 

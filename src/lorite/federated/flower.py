@@ -1,6 +1,6 @@
 """Flower (``flwr``, Message API) engine for lorite's federated algorithms: a :class:`LoriteStrategy`
 (``flwr.serverapp.strategy.Strategy``), a ``ClientApp`` and a ``ServerApp`` that run the same
-:class:`~lorite.federated.runner.FederatedServer` / :class:`~lorite.federated.runner.FederatedClient`
+:class:`~lorite.federated.server.FederatedServer` / :class:`~lorite.federated.server.FederatedClient`
 code as the in-process engine, and a launcher that starts and stops Flower for one run.
 
 * ``flower`` (deployment): a SuperLink and one SuperNode per client, separate processes talking HTTP over
@@ -24,11 +24,13 @@ FedEP with stateful sites (``mode="ep"``) cannot resume on Flower, since its sit
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -39,7 +41,8 @@ from typing import Any
 
 from ..errors import LoriteError
 from .core import ClientUpdate, log
-from .runner import FederatedClient, FederatedServer, RunSpec, load_federated
+from .data import load_federated
+from .server import FederatedClient, FederatedServer, RunSpec
 
 FLOWER_PIN = "flwr==1.42.0"
 
@@ -313,10 +316,8 @@ def _stop(processes: list[subprocess.Popen]) -> None:
 
 
 def _environment(home: Path) -> dict[str, str]:
-    import lorite
-
     env = dict(os.environ)
-    src = str(Path(lorite.__file__).resolve().parents[1])
+    src = str(Path(__file__).resolve().parents[2])  # the folder that holds the lorite package
     env["PYTHONPATH"] = os.pathsep.join([src, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["FLWR_HOME"] = str(home)
@@ -444,8 +445,7 @@ def _launch(
 # ------------------------------------------------------------------------ simulation in a network namespace
 def _loopback_up() -> None:
     """Bring up ``lo`` in a fresh network namespace (SIOCSIFFLAGS; no iproute2 needed)."""
-    import fcntl
-    import struct
+    import fcntl  # POSIX only: the namespace set-up runs on Linux alone
 
     siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -457,8 +457,6 @@ def _loopback_up() -> None:
 def _run_simulation_isolated(
     out: Path, spec: RunSpec, progress: Callable[[str], None] | None, startup_timeout: float
 ) -> None:
-    import importlib.util
-
     if importlib.util.find_spec("ray") is None:
         raise LoriteError(
             "--engine flower-sim needs Flower's simulation engine (Ray): pip install 'flwr[simulation]==1.42.0'"

@@ -58,6 +58,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.func import functional_call
+
+from ..runtime import lr_scheduler
 
 WIDTH_FORMS = ("identity_plus_C", "full")
 DEPTH_INITS = ("stack_noisy", "stack", "interlace", "identity", "rand")
@@ -318,6 +321,7 @@ class LiGOOperator(nn.Module):
 
     def __init__(self, small_model, large_config, config: LiGOConfig | None = None):
         super().__init__()
+        # transformers: an optional dependency (lorite[peft]), slow to import
         from transformers import LlamaForCausalLM
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -499,8 +503,6 @@ class LiGOOperator(nn.Module):
 
     def forward(self, **batch: Any):
         """The large model's forward (HF outputs; pass ``labels`` for the LM loss) on the fused weights."""
-        from torch.func import functional_call
-
         with torch.autocast(self.embed.device.type, enabled=False):  # fused weights in fp32, as materialised
             tensors = self.fused_state_dict()
         for name, buffer in self.rotary.named_buffers():
@@ -510,7 +512,7 @@ class LiGOOperator(nn.Module):
     @torch.no_grad()
     def materialize(self, dtype: torch.dtype | None = None):
         """A plain ``LlamaForCausalLM(large_config)`` holding the fused weights (the operator is discarded)."""
-        from transformers import LlamaForCausalLM
+        from transformers import LlamaForCausalLM  # optional dependency (lorite[peft]), slow to import
 
         weights = self.fused_state_dict()
         device = self.embed.device
@@ -573,18 +575,13 @@ def train_operator(
         params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
     )
 
-    def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / (config.warmup_steps + 1)
-        return max(0.0, (config.steps - step) / max(1, config.steps - config.warmup_steps))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    schedule = lr_scheduler(optimizer, config.steps, config.warmup_steps, "linear")
     device = operator.embed.device
     autocast = config.bf16 and device.type == "cuda"
     iterator: Iterator[torch.Tensor] = iter(batches)
     steps = range(config.steps)
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # optional dependency (lorite[all])
 
         steps = tqdm(steps, desc="LiGO operator", leave=False)
     losses: list[float] = []

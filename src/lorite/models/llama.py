@@ -28,7 +28,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
+from ..runtime import seeded
+from .loading import resolve_model_dir
 
 SMOLLM2_VOCAB_SIZE = 49152
 
@@ -66,7 +67,7 @@ _COMMON = {
 def llama_config(size: str, vocab_size: int = SMOLLM2_VOCAB_SIZE, **overrides: Any):
     """The ``transformers.LlamaConfig`` of ``size`` (a key of :data:`LLAMA_SIZES`); ``overrides`` replace
     any field (e.g. ``max_position_embeddings``)."""
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig  # optional dependency (lorite[peft]), slow to import
 
     if size not in LLAMA_SIZES:
         raise ValueError(f"unknown model size {size!r}; available: {', '.join(LLAMA_SIZES)}")
@@ -81,11 +82,10 @@ def llama_config(size: str, vocab_size: int = SMOLLM2_VOCAB_SIZE, **overrides: A
 def build_llama(size: str, vocab_size: int = SMOLLM2_VOCAB_SIZE, seed: int = 0, **overrides: Any):
     """A randomly initialised fp32 ``LlamaForCausalLM`` of ``size``; the weights depend only on ``seed``
     (the global RNG state is left as it was)."""
-    from transformers import LlamaForCausalLM
+    from transformers import LlamaForCausalLM  # optional dependency (lorite[peft]), slow to import
 
     config = llama_config(size, vocab_size, **overrides)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         return LlamaForCausalLM(config)
 
 
@@ -99,8 +99,6 @@ def parameter_count(size: str, vocab_size: int = SMOLLM2_VOCAB_SIZE) -> int:
 def pretraining_tokenizer(spec=None):
     """The SmolLM2 tokenizer (from the cached GGUF conversion, see :mod:`lorite.models.loading`); its
     vocabulary is :data:`SMOLLM2_VOCAB_SIZE` tokens."""
-    from transformers import AutoTokenizer
-
-    from .loading import resolve_model_dir
+    from transformers import AutoTokenizer  # optional dependency (lorite[peft])
 
     return AutoTokenizer.from_pretrained(resolve_model_dir(spec))

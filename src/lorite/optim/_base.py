@@ -251,6 +251,7 @@ class PairOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         placements); r×r state is small and kept whole on every rank (replicated). The gathers are
         collectives, so every rank steps the same groups in the same order — as FSDP2 itself requires.
         """
+        # lazy: only under FSDP2 (lorite.optim needs no more than torch's core)
         from torch.distributed.tensor import DTensor
 
         proxies: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -380,7 +381,7 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 def _local_shard(full: torch.Tensor, mesh, placements) -> torch.Tensor:
     """This rank's part of ``full`` laid out by ``placements`` on ``mesh`` (no communication: every rank
     holds the same ``full``)."""
-    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor import distribute_tensor  # lazy: only under FSDP2
 
     return distribute_tensor(full.detach(), mesh, placements, src_data_rank=None).to_local()
 
@@ -389,7 +390,7 @@ def _shard_like(value: Any, param: torch.Tensor) -> Any:
     """Optimizer state of a DTensor factor: factor-shaped tensors (first moments, in the factor's layout
     or transposed) become DTensors sharded like the factor; everything else (r×r statistics, step
     counters) stays a plain tensor, identical on every rank."""
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Shard  # lazy: only under FSDP2
 
     if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.numel() != param.numel():
         return value

@@ -98,9 +98,8 @@ def _sweeps(n: int) -> int:
 
 
 def _warps(n: int) -> int:
-    """Warps per matrix, measured on an H100 for 420 matrices (benchmarks/linalg_primitives.py
-    --jacobi-warps): 4 warps are fastest for 16 × 16 and 32 × 32 tiles (0.20 and 1.86 ms; one warp 0.24 and
-    3.78 ms). At 64 × 64 every choice is slow (one warp 309 ms, four 437 ms; cuSOLVER's eigh 336 ms)."""
+    """Warps per matrix, chosen by measurement (``linalg_primitives.py --jacobi-warps``, benchmarks/RESULTS.md):
+    four for tiles up to 32 × 32; above, every choice is slow and one warp the least so."""
     return 4 if n <= 32 else 1
 
 
@@ -109,7 +108,7 @@ def jacobi_eigh(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (unsorted) and eigenvectors (columns) of a stack of symmetric ``(B, r, r)`` fp32
     matrices, with no host synchronisation. ``A = E diag(λ) Eᵀ``. ``sweeps``/``num_warps``: the
-    defaults by size unless given (benchmarks/linalg_primitives.py --jacobi-warps)."""
+    defaults by size unless given (benchmarks/speed/linalg_primitives.py --jacobi-warps)."""
     if triton is None:
         raise RuntimeError("jacobi_eigh needs Triton (it ships with CUDA builds of torch)")
     if A.dtype != torch.float32:

@@ -69,7 +69,7 @@ HOST_EIGH_ABOVE = 32
 
 def _eigh_route(V: torch.Tensor) -> str:
     """Which solver :func:`eigh_small` uses for ``V``: ``"jacobi"``, ``"host"`` or ``"torch"``."""
-    from . import _jacobi
+    from . import _jacobi  # lazy: _jacobi imports Triton where it is installed (slow to import)
 
     if not V.is_cuda:
         return "torch"
@@ -86,17 +86,17 @@ def eigh_small(V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     - CPU: ``torch.linalg.eigh`` (LAPACK).
     - CUDA, ``r ≤ 32`` (``HOST_EIGH_ABOVE``), fp32: lorite's Triton Jacobi kernel, which never
       synchronises with the host (``torch.linalg.eigh`` there checks cuSOLVER's status with ``.item()``).
-    - CUDA, ``r > 32``: copied to the host and decomposed by LAPACK — one synchronisation, but 420
-      64 × 64 matrices take ~0.3 s on an H100 with either the Jacobi kernel (it spills registers) or
-      cuSOLVER (a loop of per-matrix ``syevd`` calls) and tens of ms on the host
-      (benchmarks/RESULTS.md). While a CUDA graph is being captured the Jacobi kernel is used instead.
+    - CUDA, ``r > 32``: copied to the host and decomposed by LAPACK — one synchronisation, but at these
+      sizes the Jacobi kernel spills registers and cuSOLVER loops over per-matrix ``syevd`` calls, both
+      far slower than the host (measured in benchmarks/RESULTS.md). While a CUDA graph is being captured
+      the Jacobi kernel is used instead.
     - Otherwise (fp64 on CUDA, no Triton): ``torch.linalg.eigh``.
 
     Eigenvalues are not sorted on the Triton path; sort them where order matters.
     """
     route = _eigh_route(V)
     if route == "jacobi":
-        from . import _jacobi
+        from . import _jacobi  # lazy: _jacobi imports Triton where it is installed (slow to import)
 
         return _jacobi.jacobi_eigh(V)
     if route == "host":
@@ -110,7 +110,7 @@ def eigvalsh_small(V: torch.Tensor) -> torch.Tensor:
     :func:`eigh_small`."""
     route = _eigh_route(V)
     if route == "jacobi":
-        from . import _jacobi
+        from . import _jacobi  # lazy: _jacobi imports Triton where it is installed (slow to import)
 
         return _jacobi.jacobi_eigh(V)[0]
     if route == "host":

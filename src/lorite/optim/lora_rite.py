@@ -138,20 +138,19 @@ class LoRARite(PairOptimizer):
     cast to the parameter dtype. A pair whose gradient holds inf/nan keeps its parameters and state; such
     skips are counted in :attr:`nonfinite_skips` and warned about once. Pairs without gradients are skipped.
 
-    Implementation (``benchmarks/optimizer_step.py``): factors of equal shape form buckets whose state
+    Implementation (``benchmarks/speed/optimizer_step.py``): factors of equal shape form buckets whose state
     lives in persistent stacked buffers (the per-parameter state entries are views into them), so each
     phase is a few batched calls per bucket plus one batched call over all ``r × r`` matrices. No ``Q`` is
     ever formed: ``R`` comes from a float64 Cholesky of ``X̄ᵀX̄`` and the basis change from the previous
     factor, ``QᵀQ' = R⁻ᵀ(X̄ᵀX̄')R'⁻¹`` (``torch.linalg.qr`` loops over the batch on CUDA). Row-sized data is
     held as ``r × rows`` so that every big product is ``(r × r)·(r × rows)``. The ``r × r``
     eigendecompositions use a Triton Jacobi kernel on CUDA up to r = 32 (``torch.linalg.eigh``
-    synchronises with the host there), and LAPACK on the host above (both GPU solvers take ~0.3 s per
-    step's worth of 64 × 64 matrices; see ``_linalg.eigh_small``). Up to r = 32 ``step()`` reads no
+    synchronises with the host there), and LAPACK on the host above (both GPU solvers are far slower at
+    64 × 64; see ``_linalg.eigh_small`` and benchmarks/RESULTS.md). Up to r = 32 ``step()`` reads no
     tensor value on the host (``tests/gpu`` checks it with ``torch.cuda.set_sync_debug_mode("error")``),
     so it overlaps the backward pass instead of waiting for it. CUDA-graph capture of the step is *not*
     supported yet: a captured step replays exactly while its learning rate stays constant, but diverges
-    from the eager step once an lr schedule changes the lr (seen on torch 2.11 + CUDA 13, cause not
-    isolated).
+    from the eager step once an lr schedule changes the lr (benchmarks/RESULTS.md).
 
     Rank guard (not in the paper): a factor whose Cholesky fails or whose ``R`` is rank deficient is
     treated like ``B = 0``: ``R⁺ = 0``, so its partner does not move that step. Deficient means

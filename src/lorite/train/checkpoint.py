@@ -11,31 +11,17 @@ reads back its own part. Such a checkpoint resumes under the same engine and num
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from ..cache import atomic_directory
+from ..cache import atomic_directory, remove_tree, replace_directory, temporary_sibling
 from ..errors import LoriteError
-
-CHECKPOINT_DIR = "checkpoint"
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    version, _, gauss = random.getstate()
-    random.setstate((version, tuple(state["python"]), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+from ..runtime import CHECKPOINT_DIR, World, rng_state, set_rng_state
 
 
 def trainable_state_dict(model) -> dict[str, torch.Tensor]:
@@ -50,12 +36,12 @@ def save_checkpoint(
     scheduler,
     train_state: dict[str, Any],
     extra_state: dict | None = None,
-    world=None,
+    world: World | None = None,
 ) -> Path:
     """Write ``run_dir/checkpoint`` atomically and return it. ``extra_state`` (tensors and plain Python,
     e.g. a data sampler's ``state_dict()``) is saved next to the optimizer's. With an active ``world``
-    (:class:`lorite.train.distributed.World`) every rank must call it (see the module docstring)."""
-    from safetensors.torch import save_file
+    (:class:`lorite.runtime.World`) every rank must call it (see the module docstring)."""
+    from safetensors.torch import save_file  # optional dependency (lorite[peft])
 
     if world is not None and world.active:
         return _save_distributed(Path(run_dir), model, optimizer, scheduler, train_state, world)
@@ -76,12 +62,12 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    run_dir: Path, model, optimizer, scheduler, extra_state: dict | None = None, world=None
+    run_dir: Path, model, optimizer, scheduler, extra_state: dict | None = None, world: World | None = None
 ) -> dict[str, Any]:
     """Restore what :func:`save_checkpoint` wrote; returns the saved ``train_state``. A dict passed as
     ``extra_state`` is filled with the saved extra state. The checkpoint must come from the same kind of
     launch (one process, or the same number of ranks)."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # optional dependency (lorite[peft])
 
     folder = Path(run_dir) / CHECKPOINT_DIR
     if not (folder / "train_state.json").exists():
@@ -119,13 +105,7 @@ def load_checkpoint(
 
 
 # ------------------------------------------------------------------ several ranks
-def _save_distributed(run_dir: Path, model, optimizer, scheduler, train_state: dict, world) -> Path:
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    from ..cache import _remove_tree, replace_directory, temporary_sibling
-
+def _save_distributed(run_dir: Path, model, optimizer, scheduler, train_state: dict, world: World) -> Path:
     target = run_dir / CHECKPOINT_DIR
     name = [None]
     if world.is_main:
@@ -146,14 +126,11 @@ def _save_distributed(run_dir: Path, model, optimizer, scheduler, train_state: d
     finally:
         dist.barrier()  # nobody goes on (or reads the checkpoint) before rank 0 has renamed it
         if world.is_main and tmp.exists():
-            _remove_tree(tmp)
+            remove_tree(tmp)
     return target
 
 
-def _load_distributed(folder: Path, model, optimizer, scheduler, world) -> dict[str, Any]:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
+def _load_distributed(folder: Path, model, optimizer, scheduler, world: World) -> dict[str, Any]:
     if not (folder / "dcp").is_dir():
         raise LoriteError(f"--resume: {folder} was written by one process; resume it without a launcher")
     model_state, optimizer_state = get_state_dict(model, optimizer, options=_options())
@@ -174,8 +151,6 @@ def _load_distributed(folder: Path, model, optimizer, scheduler, world) -> dict[
     return json.loads((folder / "train_state.json").read_text())
 
 
-def _options(strict: bool = True):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
+def _options(strict: bool = True) -> StateDictOptions:
     # the base model is not trained: not saved
     return StateDictOptions(ignore_frozen_params=True, strict=strict)

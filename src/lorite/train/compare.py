@@ -23,17 +23,24 @@ plots.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import multiprocessing
 import statistics
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..cache import atomic_write_text
 from ..errors import LoriteError
-from .finetune import FinetuneConfig, check_output_dir, finetune
+from ..optim import available
+from ..runtime import check_output_dir
+from .finetune import FinetuneConfig, evaluate_model, finetune
+from .report import write_report
 
 # Learning-rate grids for "--lrs auto": five log-spaced values around each method's usual range.
 # LoRA-RITE's paper variant does not normalise ḡᵀḡ by the rows, so its steps are ~√rows smaller per
@@ -107,8 +114,6 @@ class OptimizerSpec:
 
 def parse_optimizers(items: list[Any]) -> list[OptimizerSpec]:
     """Registry names, or dicts with ``label``, ``optimizer`` and optional ``args``, ``init_scale``."""
-    from ..optim import available
-
     specs = []
     for item in items:
         if isinstance(item, str):
@@ -243,12 +248,8 @@ def _execute(base: dict[str, Any], run: RunSpec, out: str, progress: bool) -> tu
 
 def _release_cached_gpu_memory() -> None:
     """Give the blocks a finished run left in this process's CUDA allocator back to the device. Worker
-    processes share one GPU and each keeps its largest run's blocks reserved otherwise (13.8 GB after a
-    cosmosqa run on an H100), which the other workers' runs then lack."""
-    import gc
-
-    import torch
-
+    processes share one GPU and each keeps its largest run's blocks reserved otherwise, which the other
+    workers' runs then lack."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -335,9 +336,6 @@ def compare(
                 if run not in results:
                     results[run] = execute_serially(run)
     else:
-        import multiprocessing
-        from concurrent.futures import FIRST_COMPLETED, wait
-
         queue = [run for task in tasks for run in schedule.grid_runs[task]]  # in priority order
         pending_grid = {task: len(schedule.grid_runs[task]) for task in tasks}
         in_flight: dict = {}
@@ -381,8 +379,6 @@ def compare(
     baseline = {task: _zero_shot(replace(base, task=task), progress) for task in tasks} if zero_shot else {}
     results = _summarise(tasks, specs, schedule.task_grids, seeds, results, schedule.best, baseline, base)
     atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=str))
-    from .report import write_report
-
     write_report(results, out)
     return results
 
@@ -606,8 +602,6 @@ def _best_lr(scored: list[tuple[dict, float]]) -> float:
 
 def _zero_shot(config: FinetuneConfig, progress: bool) -> dict:
     """Validation and test metrics of the model before fine-tuning."""
-    from .finetune import evaluate_model
-
     return evaluate_model(config, progress=progress)
 
 
@@ -666,6 +660,32 @@ def _summarise(tasks, specs, grids, seeds, runs, best, baseline, base) -> dict:
             }
         summary["tasks"][task] = entry
     return summary
+
+
+CONFIG_KEYS = ("description", "tasks", "optimizers", "lrs", "seeds", "widen", "training")
+
+
+def load_config(path: str | Path) -> dict:
+    """A comparison described in a JSON file (see benchmarks/configs/): ``tasks``, ``optimizers`` (names or
+    labelled variants), ``lrs`` (``"auto"`` or label → list), ``seeds``, ``widen`` (extra learning rates
+    allowed past each grid edge, see :func:`compare`) and ``training`` (FinetuneConfig fields). Makes each
+    results table reproducible by one command."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except FileNotFoundError as error:
+        raise LoriteError(f"--config {str(path)!r} does not exist") from error
+    except json.JSONDecodeError as error:
+        raise LoriteError(f"--config {str(path)!r} is not valid JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise LoriteError(f"--config {str(path)!r} must hold a JSON object")
+    unknown = set(config) - set(CONFIG_KEYS)
+    if unknown:
+        raise LoriteError(f"--config {str(path)!r}: unknown keys {sorted(unknown)}")
+    fields = set(FinetuneConfig.__dataclass_fields__) - {"task", "optimizer", "lr", "seed"}
+    bad = set(config.get("training", {})) - fields
+    if bad:
+        raise LoriteError(f"--config {str(path)!r}: unknown training settings {sorted(bad)}")
+    return config
 
 
 def prepare_output(out: Path) -> None:

@@ -1,6 +1,8 @@
-"""LoRA fine-tuning of a causal LM on a BIG-bench task or a text corpus — the loop reads top to bottom:
+"""Fine-tuning of a causal LM on a task (a BIG-bench task, a task file, a text corpus: any spec of
+:mod:`lorite.tasks`) — the loop reads top to bottom:
 
-    config → model + LoRA → data → optimizer + schedule → [resume] → train (checkpoints) → evaluate → save
+    config → model + method (LoRA, full, …) → data → optimizer + schedule → [resume] → train (checkpoints)
+    → evaluate → save
 
 Data order depends only on ``seed`` (not on the optimizer), so runs that differ only in their optimizer or
 learning rate see the same batches in the same order.
@@ -19,12 +21,26 @@ import torch
 
 from ..cache import atomic_write_text
 from ..errors import LoriteError
+from ..models import load_causal_lm
+from ..optim import create
+from ..runtime import (
+    ENGINES,
+    World,
+    check_output_dir,
+    check_schedule,
+    lr_scheduler,
+    mean_over_ranks,
+    pick_device,
+    resolve_engine,
+    seed_everything,
+    setup,
+)
+from ..tasks import TaskData, evaluate_split, load_task_data
+from ..tasks.encoding import collate, lm_loss
 from . import distributed
-from .checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
-from .examples import collate, encode_examples, lm_loss
+from .checkpoint import load_checkpoint, save_checkpoint
 from .methods import get_method
 
-SCHEDULES = ("cosine", "linear", "constant")
 SNAPSHOT_DIR = "snapshots"  # save_every: snapshots/step_000050/{adapter,model}
 
 
@@ -32,7 +48,9 @@ SNAPSHOT_DIR = "snapshots"  # save_every: snapshots/step_000050/{adapter,model}
 class FinetuneConfig:
     """Everything a run depends on (written into its ``metrics.json``)."""
 
-    task: str  # a BIG-bench task name, "file:PATH/task.json", or "corpus:shakespeare"
+    task: (
+        str  # a task spec (lorite.tasks.spec): a BIG-bench name, "file:PATH/task.json", "corpus:shakespeare"
+    )
     model: str | None = None  # default SmolLM2-135M-Instruct; a .gguf file or a model directory
     optimizer: str = "lora_rite"
     lr: float = 1e-3
@@ -60,8 +78,8 @@ class FinetuneConfig:
     device: str = "auto"
     bf16: bool = True  # autocast to bf16 on CUDA (weights stay fp32)
     skip_test: bool = False  # compare evaluates test only at the chosen learning rates
-    parallel: str = "none"  # under torchrun / accelerate launch: "ddp" or "fsdp2" (see train/distributed.py)
-    gradient_checkpointing: bool = False  # recompute layer activations in backward (less memory, ~30% slower)
+    parallel: str = "none"  # under torchrun / accelerate launch: "ddp" or "fsdp2" (see lorite.runtime)
+    gradient_checkpointing: bool = False  # recompute layer activations in backward (less memory, slower)
     save_every: int = (
         0  # also save the method's weights to snapshots/step_N every N steps (forgetting curves)
     )
@@ -76,76 +94,15 @@ class FinetuneConfig:
             raise LoriteError(f"--save-every must be >= 0, got {self.save_every}")
         if not (self.lr >= 0 and math.isfinite(self.lr)):
             raise LoriteError(f"--lr must be a non-negative number, got {self.lr}")
-        if self.schedule not in SCHEDULES:
-            raise LoriteError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        check_schedule(self.schedule)
         if not (self.init_scale > 0 and math.isfinite(self.init_scale)):
             raise LoriteError(f"init_scale must be a positive number, got {self.init_scale}")
-        from .distributed import ENGINES
-        from .methods import get_method
-
         get_method(self.method)
         if self.parallel not in ENGINES:
             raise LoriteError(f"--parallel must be one of {', '.join(ENGINES)}, got {self.parallel!r}")
 
 
 # ------------------------------------------------------------------------------------------- pieces
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def lr_lambda(steps: int, warmup: int, schedule: str):
-    """Linear warmup to the peak, then cosine or linear decay to 0 (or constant)."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, steps - warmup)
-        if schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-@dataclass
-class TaskData:
-    kind: str  # "multiple_choice" | "generation" | "language_model"
-    train: list  # Encoded examples, or token blocks (N, L)
-    validation: Any
-    test: Any
-    task: Any = None  # the BIG-bench Task, for evaluation
-
-
-def load_task_data(config: FinetuneConfig, tokenizer) -> TaskData:
-    """Encode the task's splits. BIG-bench: examples; corpora: packed token blocks."""
-    from ..data import bigbench, corpora
-    from ..data.blocks import tokenize_documents
-
-    if config.task.startswith("corpus:"):
-        documents = corpora.load_corpus(config.task.split(":", 1)[1])
-        train_docs, heldout = corpora.split_documents(
-            documents, n_heldout=max(2, len(documents) // 10), seed=config.split_seed
-        )
-        half = len(heldout) // 2
-        block = min(config.max_length, 512)
-
-        def blocks(docs):
-            return tokenize_documents(tokenizer, [d.text for d in docs], block)
-
-        return TaskData("language_model", blocks(train_docs), blocks(heldout[:half]), blocks(heldout[half:]))
-    if config.task.startswith("file:"):
-        task = bigbench.load_task_file(config.task.split(":", 1)[1])
-    else:
-        task = bigbench.load_task(config.task)
-    splits = bigbench.split_examples(task, config.split_seed, config.n_validation, config.n_test)
-    train = encode_examples(task, splits.train, tokenizer, config.max_length)
-    return TaskData(task.kind, train, splits.validation, splits.test, task)
-
-
 def batch_indices(
     n_items: int, batch_size: int, seed: int, step: int, micro: int, grad_accum: int
 ) -> list[int]:
@@ -168,14 +125,17 @@ def make_batch(data: TaskData, indices: list[int], pad_id: int) -> dict[str, tor
     return collate([data.train[i] for i in indices], pad_id)
 
 
-def evaluate(model, tokenizer, data: TaskData, split: str, config: FinetuneConfig, progress: bool) -> dict:
-    from .eval import evaluate_task, perplexity
+def data_for(config: FinetuneConfig, tokenizer, encode_train: bool = True) -> TaskData:
+    """The task data of ``config`` (its task spec and split settings)."""
+    return load_task_data(
+        config.task, tokenizer, split_seed=config.split_seed, n_validation=config.n_validation,
+        n_test=config.n_test, max_length=config.max_length, encode_train=encode_train,
+    )  # fmt: skip
 
-    examples = getattr(data, split)
-    if data.kind == "language_model":
-        value = perplexity(model, examples, batch_size=max(1, config.eval_batch_size // 4))
-        return {"perplexity": value, "score": -value, "n_tokens": int(examples.numel())}
-    return evaluate_task(model, tokenizer, data.task, examples, config.eval_batch_size, progress=progress)
+
+def evaluate(model, tokenizer, data: TaskData, split: str, config: FinetuneConfig, progress: bool) -> dict:
+    """:func:`lorite.tasks.evaluate_split` at ``config.eval_batch_size``."""
+    return evaluate_split(model, tokenizer, data, split, config.eval_batch_size, progress=progress)
 
 
 def evaluate_model(config: FinetuneConfig, adapter: str | Path | None = None, progress: bool = False) -> dict:
@@ -183,24 +143,22 @@ def evaluate_model(config: FinetuneConfig, adapter: str | Path | None = None, pr
     LoRA adapter folder, e.g. a run's ``adapter/``). The task, its splits and the evaluation settings
     (``n_validation``, ``n_test``, ``split_seed``, ``max_length``, ``eval_batch_size``, ``device``) come from
     ``config``; a run evaluated with its own config gives its ``metrics.json`` numbers again."""
-    from ..models import load_causal_lm
-
     model, tokenizer = load_causal_lm(config.model)
     if adapter is not None:
         adapter = Path(adapter)
         if not (adapter / "adapter_config.json").is_file():
             raise LoriteError(f"{str(adapter)!r} holds no peft adapter (no adapter_config.json)")
-        from peft import PeftModel
+        from peft import PeftModel  # optional dependency (lorite[peft])
 
         model = PeftModel.from_pretrained(model, str(adapter), autocast_adapter_dtype=False)
     model.to(pick_device(config.device))
-    data = load_task_data(config, tokenizer)
+    data = data_for(config, tokenizer, encode_train=False)
     return {
         split: evaluate(model, tokenizer, data, split, config, progress) for split in ("validation", "test")
     }
 
 
-def evaluate_on_all_ranks(model, tokenizer, data, split, config, progress, world) -> dict:
+def evaluate_on_all_ranks(model, tokenizer, data, split, config, progress, world: World) -> dict:
     """:func:`evaluate` on the whole model; under torchrun every rank evaluates the same examples."""
     with distributed.gathered(model, world) as whole:
         return evaluate(whole, tokenizer, data, split, config, progress and world.is_main)
@@ -210,16 +168,6 @@ def _scalars(metrics: dict) -> dict:
     """The numbers of an evaluation, for the validation curve (the answers and their shares stay in the
     final evaluation only)."""
     return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-
-
-def check_output_dir(out: Path, resume: bool) -> None:
-    """Refuse to mix two runs in one directory."""
-    if (
-        out.exists()
-        and not resume
-        and any((out / name).exists() for name in ("metrics.json", CHECKPOINT_DIR))
-    ):
-        raise LoriteError(f"output dir {str(out)!r} already holds a run; use --resume {out} or another --out")
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -235,20 +183,17 @@ def finetune(
     ``stop_after`` ends the session after that many steps (the last checkpoint stays for ``resume``), as
     an interrupted job would; the run's schedule still spans ``config.steps``.
     """
-    from ..models import load_causal_lm
-    from ..optim import create
-
     config.validate()
     run_began = time.perf_counter()
     out = Path(out) if out is not None else None
     if out is not None:
         check_output_dir(out, resume)
-    config = replace(config, parallel=distributed.resolve_engine(config.parallel))  # accelerate launch
-    world = distributed.setup(config.parallel, pick_device(config.device))
+    config = replace(config, parallel=resolve_engine(config.parallel))  # accelerate launch
+    world = setup(config.parallel, pick_device(config.device))
     device = world.device
     if world.active and config.parallel == "fsdp2" and config.method != "lora":
         raise LoriteError(f"--parallel fsdp2 supports --method lora only, got {config.method!r} (use ddp)")
-    torch.manual_seed(config.seed)
+    seed_everything(config.seed)
 
     model, tokenizer = load_causal_lm(config.model)
     method = get_method(config.method)
@@ -259,10 +204,10 @@ def finetune(
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = distributed.wrap(model, config.parallel, world)  # before the optimizer: it must see DTensors
-    data = load_task_data(config, tokenizer)
+    data = data_for(config, tokenizer)
     optimizer = create(config.optimizer, distributed.unwrap(model), lr=config.lr, **config.optimizer_kwargs)
     warmup = config.warmup_steps if config.warmup_steps is not None else max(1, config.steps // 10)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.steps, warmup, config.schedule))
+    scheduler = lr_scheduler(optimizer, config.steps, warmup, config.schedule)
 
     history: dict[str, list] = {"loss": [], "validation": []}
     start_step = 0
@@ -282,11 +227,11 @@ def finetune(
         return scores
 
     use_bf16 = config.bf16 and device.type == "cuda"
-    n_train = data.train.shape[0] if data.kind == "language_model" else len(data.train)
+    n_train = data.n_train
     step_times = []
     bar = range(start_step, config.steps)
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # optional dependency (lorite[all])
 
         bar = tqdm(bar, desc=f"{config.optimizer} lr={config.lr:g}", initial=start_step, total=config.steps)
     for step in bar:
@@ -304,7 +249,7 @@ def finetune(
                     loss = lm_loss(model, batch) / config.grad_accum
             loss.backward()
             total += float(loss.detach())
-        total = distributed.mean_over_ranks(total, world)
+        total = mean_over_ranks(total, world)
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(
                 [p for p in model.parameters() if p.requires_grad], config.max_grad_norm
@@ -357,7 +302,7 @@ def finetune(
     return results
 
 
-def save_trained(model, method, world: distributed.World, folder: Path) -> None:
+def save_trained(model, method, world: World, folder: Path) -> None:
     """The method's weights (adapter, or the whole model) into ``folder``, from rank 0. Under FSDP2 every
     rank must call it: the full state dict is gathered first (a collective)."""
     full = distributed.full_state_dict(model, world)

@@ -16,8 +16,9 @@ interrupted run still leaves its curve), ``checkpoint/`` (model, optimizer, sche
 state, written atomically) and, at the end, ``model/`` (``save_pretrained``). Resuming from a checkpoint
 continues exactly as the uninterrupted run would have.
 
-Under ``torch.distributed`` (initialised by the caller, e.g. ``torchrun``), the model is wrapped in DDP,
-each rank draws its own shard of every global micro-batch, losses are all-reduced, and rank 0 writes.
+Under ``torchrun`` (or a process group the caller initialised), :func:`lorite.runtime.setup` joins the group,
+the model is wrapped in DDP (:func:`lorite.train.distributed.wrap`), each rank draws its own shard of every
+global micro-batch, losses are all-reduced, and rank 0 writes.
 """
 
 from __future__ import annotations
@@ -31,16 +32,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..cache import atomic_directory, atomic_write_text
+from ..data.blocks import SAMPLERS, TokenBlocks, build_token_cache, make_sampler
+from ..data.corpora import CORPORA
 from ..errors import LoriteError
-from .checkpoint import CHECKPOINT_DIR, load_checkpoint, save_checkpoint
+from ..models.llama import LLAMA_SIZES, build_llama, pretraining_tokenizer
+from ..optim import REGISTRY, create
+from ..runtime import (
+    CHECKPOINT_DIR,
+    World,
+    all_ranks_agree,
+    check_output_dir,
+    check_schedule,
+    lr_scheduler,
+    pick_device,
+    setup,
+)
+from . import distributed
+from .checkpoint import load_checkpoint, save_checkpoint
 
 ENGLISH_CORPORA = ("shakespeare", "bible", "austen", "webster")
 DEFAULT_CORPORA = (*ENGLISH_CORPORA, "cpython")
 DEFAULT_CORPUS_CAPS = {"webster": 4_000_000}
-SCHEDULES = ("cosine", "linear", "constant")
 # settings that may change when a run is resumed (they do not change what is computed)
 RESUMABLE_CHANGES = ("progress", "time_limit", "checkpoint_every", "device", "log_every")
 
@@ -81,8 +97,6 @@ class PretrainConfig:
     progress: bool = False  # tqdm progress bar
 
     def validate(self) -> None:
-        from ..models.llama import LLAMA_SIZES
-
         if self.size not in LLAMA_SIZES:
             raise LoriteError(f"unknown model size {self.size!r}; available: {', '.join(LLAMA_SIZES)}")
         if self.tokens < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.block_length < 2:
@@ -91,8 +105,7 @@ class PretrainConfig:
             raise LoriteError(f"--lr must be a non-negative number, got {self.lr}")
         if not 0 <= self.warmup < 1:
             raise LoriteError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
-        if self.schedule not in SCHEDULES:
-            raise LoriteError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        check_schedule(self.schedule)
         if self.eval_every < 0 or self.checkpoint_every < 0 or self.grad_clip < 0:
             raise LoriteError("--eval-every, --checkpoint-every and --grad-clip must be >= 0")
         if self.eval_blocks is not None and self.eval_blocks < 1:
@@ -103,17 +116,10 @@ class PretrainConfig:
             bad := [c for c in self.train_corpora if c not in self.corpora]
         ):
             raise LoriteError(f"train corpus {bad[0]!r} is not among --corpora {', '.join(self.corpora)}")
-        if self.data is None:
-            from ..data.corpora import CORPORA
-
-            if unknown := [c for c in self.corpora if c not in CORPORA]:
-                raise LoriteError(f"unknown corpus {unknown[0]!r}; available: {', '.join(CORPORA)}")
-        from ..data.blocks import SAMPLERS
-
+        if self.data is None and (unknown := [c for c in self.corpora if c not in CORPORA]):
+            raise LoriteError(f"unknown corpus {unknown[0]!r}; available: {', '.join(CORPORA)}")
         if self.sampler not in SAMPLERS:
             raise LoriteError(f"unknown sampler {self.sampler!r}; available: {', '.join(SAMPLERS)}")
-        from ..optim import REGISTRY
-
         if self.optimizer not in REGISTRY:
             raise LoriteError(f"unknown optimizer {self.optimizer!r}; available: {', '.join(REGISTRY)}")
 
@@ -126,35 +132,6 @@ class PretrainConfig:
 
 
 # ------------------------------------------------------------------------------------------- pieces
-def distributed_context() -> tuple[int, int]:
-    """``(rank, world_size)``: from ``torch.distributed`` when initialised, else ``(0, 1)``."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    import os
-
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the peak lr at optimizer step ``step`` (0-based): linear warmup ``(step+1)/warmup``,
-    then from 1 down to ``min_ratio`` along a half cosine (or a line), or constant."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
-    return min_ratio + (1.0 - min_ratio) * shape
-
-
 def block_losses(model, blocks: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of each block (shape ``(n,)``): the training objective, and the
     per-block statistic samplers observe. Under autocast the loss is computed in fp32."""
@@ -168,8 +145,6 @@ def block_losses(model, blocks: torch.Tensor) -> torch.Tensor:
 def resolve_data(config: PretrainConfig) -> Path:
     """The token cache directory: ``config.data``, or built (once) from ``config.corpora`` with the
     SmolLM2 tokenizer."""
-    from ..data.blocks import build_token_cache
-
     if config.data is not None:
         path = Path(config.data)
         if not (path / "meta.json").exists():
@@ -182,8 +157,6 @@ def resolve_data(config: PretrainConfig) -> Path:
         if missing := [c for c in config.corpora if c not in meta["splits"]["train"]["corpora"]]:
             raise LoriteError(f"--data lacks corpus {missing[0]!r}; it has {', '.join(meta['corpora'])}")
         return path
-    from ..models.llama import pretraining_tokenizer
-
     caps = config.max_corpus_tokens
     if isinstance(caps, dict):  # caps of corpora not in this run are irrelevant to it
         caps = {name: cap for name, cap in caps.items() if name in config.corpora}
@@ -199,11 +172,11 @@ def resolve_data(config: PretrainConfig) -> Path:
 
 
 @torch.no_grad()
-def evaluate(model, validation: dict, weights: dict[str, float], config, device, max_blocks) -> dict:
+def evaluate(model, validation: dict, weights: dict[str, float], config, world: World, max_blocks) -> dict:
     """Validation loss and perplexity of ``model`` (unwrapped: no DDP collectives) per corpus and for the training mix (per-corpus losses weighted by
     held-out size ``weights``; with every block evaluated this is the loss over the mix's held-out set).
     ``max_blocks`` evenly spaced blocks per corpus (None: all); ranks split the blocks, sums all-reduced."""
-    rank, world = distributed_context()
+    device = world.device
     use_bf16 = config.bf16 and device.type == "cuda"
     was_training = model.training
     model.eval()
@@ -213,7 +186,7 @@ def evaluate(model, validation: dict, weights: dict[str, float], config, device,
         ids = torch.arange(n)
         if max_blocks is not None and n > max_blocks:
             ids = torch.linspace(0, n - 1, max_blocks).round().long().unique()
-        ids = ids[rank::world]
+        ids = ids[world.rank :: world.size]
         total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of token losses, tokens)
         for start in range(0, len(ids), config.eval_batch_size):
             batch = blocks[ids[start : start + config.eval_batch_size]].to(device)
@@ -221,8 +194,8 @@ def evaluate(model, validation: dict, weights: dict[str, float], config, device,
                 losses = block_losses(model, batch)
             total[0] += losses.double().sum() * (batch.shape[1] - 1)
             total[1] += losses.numel() * (batch.shape[1] - 1)
-        if world > 1:
-            torch.distributed.all_reduce(total)
+        if world.active:
+            dist.all_reduce(total)
         loss = float(total[0] / total[1])
         result["by_corpus"][corpus] = {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
     mix = sum(weights[c] * result["by_corpus"][c]["loss"] for c in weights) / sum(weights.values())
@@ -241,19 +214,6 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
-def out_of_time(began: float, limit: float, device: torch.device) -> bool:
-    """Whether ``limit`` seconds have passed since ``began``; under DDP rank 0's clock decides for all
-    ranks (they must stop at the same step, or the next collective hangs)."""
-    late = time.perf_counter() - began > limit
-    _, world = distributed_context()
-    if world > 1:
-        on = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
-        flag = torch.tensor([float(late)], device=on)
-        torch.distributed.broadcast(flag, src=0)
-        late = bool(flag.item())
-    return late
-
-
 def optimizer_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     """Each param group's hyperparameters (plain values) and size, as the optimizer resolved them."""
     settings = []
@@ -264,17 +224,6 @@ def optimizer_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]
         plain.update(tensors=len(group["params"]), elements=sum(p.numel() for p in group["params"]))
         settings.append(plain)
     return settings
-
-
-def check_output_dir(out: Path, resume: bool) -> None:
-    """Refuse to mix two runs in one directory; resuming needs a checkpoint there."""
-    if resume:
-        if not (out / CHECKPOINT_DIR / "train_state.json").exists():
-            raise LoriteError(f"--resume {str(out)!r}: no checkpoint there (expected {out}/{CHECKPOINT_DIR})")
-    elif out.exists() and any(out.iterdir()):
-        raise LoriteError(
-            f"output dir {str(out)!r} already exists and is not empty; use --resume or another --out"
-        )
 
 
 def saved_config(out: str | Path) -> PretrainConfig:
@@ -300,28 +249,24 @@ def pretrain(
     a checkpoint and no final evaluation, as a pre-empted job would; the schedule still spans the budget.
     A passed ``model`` (e.g. a grown one, for LiGO) is trained in place.
     """
-    from ..data.blocks import TokenBlocks, make_sampler
-    from ..models.llama import build_llama
-    from ..optim import create
-
     config.validate()
     out = Path(out)
-    rank, world = distributed_context()
-    is_main = rank == 0
+    world = setup("ddp", pick_device(config.device))
+    is_main = world.is_main
     check_output_dir(out, resume)
     if resume:
         saved = asdict(saved_config(out))
         changed = [k for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES and saved[k] != v]
         if changed:
             raise LoriteError(f"--resume: the settings {changed} differ from the checkpointed run's")
-    device = pick_device(config.device)
+    device = world.device
     use_bf16 = config.bf16 and device.type == "cuda"
 
     # data: one token cache; training blocks from train_corpora, validation blocks of every corpus
     if is_main:
         data_path = resolve_data(config)
-    if world > 1:  # the other ranks wait for rank 0 to build the cache, then find it
-        torch.distributed.barrier()
+    if world.active:  # the other ranks wait for rank 0 to build the cache, then find it
+        dist.barrier()
         if not is_main:
             data_path = resolve_data(config)
     train_corpora = list(config.train_corpora or config.corpora)
@@ -329,7 +274,7 @@ def pretrain(
     validation = {c: TokenBlocks(data_path, "validation", corpora=[c]) for c in config.corpora}
     weights = {c: float(len(validation[c])) for c in train_corpora}
 
-    tokens_per_step = config.batch_size * config.grad_accum * world * config.block_length
+    tokens_per_step = config.batch_size * config.grad_accum * world.size * config.block_length
     total_steps = config.tokens // tokens_per_step
     if total_steps < 1:
         raise LoriteError(
@@ -344,27 +289,20 @@ def pretrain(
         raise LoriteError(f"the model's vocabulary is smaller than the data's ({train_blocks.vocab_size})")
     model.to(device).train()
     raw_model = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [device.index] if device.type == "cuda" else None
-        model = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
+    model = distributed.wrap(model, "ddp", world)
     try:
         optimizer = create(config.optimizer, raw_model, lr=config.lr, **config.optimizer_kwargs)
     except (TypeError, ValueError) as error:
         raise LoriteError(f"optimizer {config.optimizer!r}: {error}") from error
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: lr_factor(s, total_steps, warmup_steps, config.schedule, config.min_lr_ratio),
-    )
+    scheduler = lr_scheduler(optimizer, total_steps, warmup_steps, config.schedule, config.min_lr_ratio)
     sampler = make_sampler(
         config.sampler,
         n_blocks=len(train_blocks),
         batch_size=config.batch_size,
         total_steps=total_steps * config.grad_accum,
         seed=config.seed,
-        rank=rank,
-        world_size=world,
+        rank=world.rank,
+        world_size=world.size,
         **config.sampler_options,
     )
 
@@ -402,7 +340,7 @@ def pretrain(
             )
 
     def record_validation(step: int, max_blocks) -> dict:
-        result = evaluate(raw_model, validation, weights, config, device, max_blocks)
+        result = evaluate(raw_model, validation, weights, config, world, max_blocks)
         metrics["validation"].append({"step": step, "tokens": step * tokens_per_step, **result})
         write_metrics()
         return result
@@ -413,7 +351,7 @@ def pretrain(
     # train
     bar = None
     if config.progress and is_main:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # optional dependency (lorite[all])
 
         bar = tqdm(
             total=total_steps, initial=start_step, desc=f"{config.size} {config.optimizer}", unit="step"
@@ -427,7 +365,7 @@ def pretrain(
         for micro in range(config.grad_accum):
             ids = sampler.next_indices()
             blocks = train_blocks[ids].to(device, non_blocking=True)
-            syncing = world == 1 or micro == config.grad_accum - 1
+            syncing = not world.active or micro == config.grad_accum - 1
             with nullcontext() if syncing else model.no_sync():
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     per_block = block_losses(model, blocks)
@@ -443,9 +381,9 @@ def pretrain(
         interval_steps += 1
 
         if done % config.log_every == 0 or done == total_steps:
-            if world > 1:
-                torch.distributed.all_reduce(loss_sum)
-                loss_sum /= world
+            if world.active:
+                dist.all_reduce(loss_sum)
+                loss_sum /= world.size
             loss = float(loss_sum)  # (synchronises the device: the interval's timing is complete)
             seconds = time.perf_counter() - interval_start
             if done > start_step + interval_steps:  # the first interval includes warm-up costs: skip it
@@ -479,7 +417,7 @@ def pretrain(
         if (
             config.time_limit is not None
             and done < total_steps
-            and out_of_time(began, config.time_limit, device)
+            and all_ranks_agree(time.perf_counter() - began > config.time_limit, world)
         ):
             stopped = "time_limit"
             checkpoint(done)
@@ -493,7 +431,7 @@ def pretrain(
         metrics["stopped"] = {"reason": stopped, "step": done, "tokens": done * tokens_per_step}
     metrics["final"] = {"step": done, "tokens": done * tokens_per_step}
     if stopped != "diverged":
-        metrics["final"].update(evaluate(raw_model, validation, weights, config, device, None))
+        metrics["final"].update(evaluate(raw_model, validation, weights, config, world, None))
         metrics["validation"].append({"step": done, "tokens": done * tokens_per_step, **metrics["final"]})
     if timed_steps:
         metrics["seconds_per_step"] = train_seconds / timed_steps

@@ -83,10 +83,10 @@ def write_report(results: dict[str, Any], out: Path) -> list[Path]:
 
 def _plots(results: dict[str, Any], out: Path) -> list[Path]:
     try:
-        import matplotlib
+        import matplotlib  # optional dependency (lorite[all]), slow to import
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # optional dependency (lorite[all]), slow to import
     except ImportError:
         return []
     paths = []

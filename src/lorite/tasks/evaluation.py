@@ -1,0 +1,231 @@
+"""Evaluation: multiple choice by per-choice log-likelihood (accuracy), generation by normalised exact
+match and ROUGE-L, language modelling by perplexity. Batched, under ``torch.no_grad``, in eval mode,
+in a fixed order: the same model and examples always give the same numbers."""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+from collections.abc import Iterable
+
+import torch
+
+from .encoding import IGNORE, Encoded, collate, encode, format_prompt, target_log_probs
+from .task import Example, Task
+
+
+def _progress(items, description: str, enabled: bool):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm  # optional dependency (lorite[all])
+
+    return tqdm(items, desc=description, leave=False)
+
+
+# ------------------------------------------------------------------------------------------- metrics
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD-style normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, references: Iterable[str]) -> float:
+    """1.0 if the normalised prediction equals any normalised reference."""
+    normalized = normalize_answer(prediction)
+    return float(any(normalized == normalize_answer(ref) for ref in references))
+
+
+_ROUGE = None
+
+
+def rouge_l(prediction: str, references: Iterable[str]) -> float:
+    """Best ROUGE-L F-measure of ``prediction`` against the references (Google's ``rouge-score``)."""
+    global _ROUGE
+    if _ROUGE is None:
+        from rouge_score import rouge_scorer  # optional dependency (lorite[all])
+
+        _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return max(_ROUGE.score(ref, prediction)["rougeL"].fmeasure for ref in references)
+
+
+def predicted_choices(scores: list[list[float]]) -> list[int]:
+    """The highest-scoring choice of each example (ties go to the first)."""
+    return [max(range(len(s)), key=lambda i: (s[i], -i)) for s in scores]
+
+
+def accuracy_from_scores(scores: list[list[float]], correct: list[tuple[int, ...]]) -> float:
+    """Fraction of examples whose highest-scoring choice is a correct one (ties go to the first)."""
+    hits = [choice in c for choice, c in zip(predicted_choices(scores), correct)]
+    return sum(hits) / len(hits)
+
+
+def answer_shares(answers: list[str], top: int = 5) -> dict[str, float]:
+    """The ``top`` most frequent answers (normalised) and the fraction of examples giving each: shows a model
+    that collapsed onto one answer (multirc's "No.") or leans on an answer prior (strategyqa's Yes/No)."""
+    counts = Counter(normalize_answer(a) for a in answers)
+    return {answer: count / len(answers) for answer, count in counts.most_common(top)}
+
+
+# ------------------------------------------------------------------------------------------- scoring
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _batches(items: list, batch_size: int):
+    for start in range(0, len(items), batch_size):
+        yield items[start : start + batch_size]
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def choice_log_likelihoods(
+    model,
+    tokenizer,
+    task: Task,
+    examples: list[Example],
+    batch_size: int = 16,
+    max_length: int = 512,
+    progress=False,
+) -> list[list[float]]:
+    """``sum log p(choice | prompt)`` for every choice of every example (BIG-bench's unnormalised
+    multiple-choice score); the choice text is scored without an end token."""
+    model.eval()
+    device = _device(model)
+    items: list[tuple[int, Encoded]] = []
+    for index, ex in enumerate(examples):
+        prompt = format_prompt(task, ex, tokenizer)
+        for choice in ex.choices:
+            answer = choice if getattr(tokenizer, "chat_template", None) else " " + choice
+            items.append((index, encode(tokenizer, prompt, answer, max_length, end=False)))
+    # longest first: batches of similar length, and a memory peak found at once
+    order = sorted(range(len(items)), key=lambda i: -len(items[i][1].input_ids))
+    totals = [0.0] * len(items)
+    for chunk in _progress(list(_batches(order, batch_size)), f"scoring {task.name}", progress):
+        batch = {
+            k: v.to(device) for k, v in collate([items[i][1] for i in chunk], tokenizer.pad_token_id).items()
+        }
+        with _autocast(device):
+            log_probs, rows = target_log_probs(model, batch)
+        sums = torch.zeros(len(chunk), dtype=torch.float64, device=device).index_add_(
+            0, rows, log_probs.double()
+        )
+        for position, value in zip(chunk, sums.tolist()):
+            totals[position] = value
+    scores: list[list[float]] = [[] for _ in examples]
+    for (index, _), value in zip(items, totals):
+        scores[index].append(value)
+    return scores
+
+
+@torch.no_grad()
+def generate_answers(
+    model,
+    tokenizer,
+    task: Task,
+    examples: list[Example],
+    batch_size: int = 16,
+    max_new_tokens: int = 48,
+    max_length: int = 512,
+    progress=False,
+) -> list[str]:
+    """Greedy answers, batched with left padding, stopping at the end token."""
+    model.eval()
+    device = _device(model)
+    prompts = [
+        tokenizer(format_prompt(task, ex, tokenizer), add_special_tokens=False)["input_ids"]
+        for ex in examples
+    ]
+    prompts = [p[-(max_length - max_new_tokens) :] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    answers = [""] * len(prompts)
+    for chunk in _progress(list(_batches(order, batch_size)), f"generating {task.name}", progress):
+        length = max(len(prompts[i]) for i in chunk)
+        ids = torch.full((len(chunk), length), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(chunk):
+            ids[row, length - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[row, length - len(prompts[i]) :] = 1
+        with _autocast(device):
+            out = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            )  # fmt: skip
+        for row, i in enumerate(chunk):
+            answers[i] = tokenizer.decode(out[row, length:], skip_special_tokens=True).strip()
+    return answers
+
+
+def evaluate_task(
+    model, tokenizer, task: Task, examples: list[Example], batch_size: int = 16, progress=False
+) -> dict:
+    """Task metrics: ``accuracy`` for multiple choice; ``exact_match`` and ``rouge_l`` for generation.
+    ``score`` is the one used to pick learning rates (accuracy, or ROUGE-L)."""
+    if not examples:
+        return {}
+    if task.kind == "multiple_choice":
+        scores = choice_log_likelihoods(model, tokenizer, task, examples, batch_size, progress=progress)
+        accuracy = accuracy_from_scores(scores, [ex.correct for ex in examples])
+        chosen = [ex.choices[i] for ex, i in zip(examples, predicted_choices(scores))]
+        return {
+            "accuracy": accuracy,
+            "score": accuracy,
+            "n": len(examples),
+            "answer_shares": answer_shares(chosen),
+        }
+    # room for the references: 1.25 × their 95th-percentile length in tokens, within [8, 128]
+    lengths = sorted(
+        len(tokenizer(t, add_special_tokens=False)["input_ids"]) for ex in examples for t in ex.targets
+    )
+    budget = min(128, max(8, int(1.25 * lengths[int(0.95 * (len(lengths) - 1))]) + 2))
+    answers = generate_answers(
+        model, tokenizer, task, examples, batch_size, max_new_tokens=budget, progress=progress
+    )
+    em = sum(exact_match(a, ex.targets) for a, ex in zip(answers, examples)) / len(examples)
+    rouge = sum(rouge_l(a, ex.targets) for a, ex in zip(answers, examples)) / len(examples)
+    return {
+        "exact_match": em, "rouge_l": rouge, "score": rouge, "n": len(examples), "samples": answers[:5],
+        "answer_shares": answer_shares(answers),
+    }  # fmt: skip
+
+
+@torch.no_grad()
+def perplexity(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
+    """``exp`` of the mean next-token negative log-likelihood over all tokens of ``blocks`` (N, L)."""
+    model.eval()
+    device = _device(model)
+    total, count = 0.0, 0
+    for start in range(0, blocks.shape[0], batch_size):
+        ids = blocks[start : start + batch_size].to(device)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        with _autocast(device):
+            log_probs, _ = target_log_probs(model, batch)
+        total += float(-log_probs.double().sum())
+        count += log_probs.numel()
+    return math.exp(total / count)
+
+
+__all__ = [
+    "IGNORE",
+    "accuracy_from_scores",
+    "answer_shares",
+    "choice_log_likelihoods",
+    "evaluate_task",
+    "exact_match",
+    "generate_answers",
+    "normalize_answer",
+    "perplexity",
+    "predicted_choices",
+    "rouge_l",
+]

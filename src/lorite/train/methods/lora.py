@@ -1,0 +1,54 @@
+"""``--method lora``: peft LoRA adapters on the target modules; the run saves the adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ...cache import atomic_directory
+from ...errors import LoriteError
+from ...optim import find_lora_pairs
+
+ADAPTER_DIR = "adapter"
+
+
+def prepare(model, config):
+    """peft LoRA on ``config.target_modules`` (rank, alpha, dropout), optionally re-factorised as
+    ``(A·s, B/s)`` with ``s = config.init_scale`` — the same ``B·A``, another factorisation."""
+    from peft import LoraConfig, get_peft_model  # optional dependency (lorite[peft])
+
+    targets = config.target_modules
+    lora = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha if config.alpha is not None else config.rank,
+        lora_dropout=config.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    for name, module in model.named_modules():
+        targeted = targets == "all-linear" or any(name.endswith(t) for t in targets)
+        too_small = isinstance(module, torch.nn.Linear) and config.rank > min(
+            module.in_features, module.out_features
+        )
+        if targeted and too_small and not name.endswith("lm_head"):
+            raise LoriteError(
+                f"--rank {config.rank} is larger than layer {name} ({module.out_features} × {module.in_features})"
+            )
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as error:
+        raise LoriteError(f"LoRA target modules {targets!r}: {error}") from error
+    if config.init_scale != 1.0:
+        with torch.no_grad():
+            for pair in find_lora_pairs(model).pairs:
+                pair.A.mul_(config.init_scale)
+                pair.B.div_(config.init_scale)
+    return model
+
+
+def save(model, out: Path, state_dict: dict | None = None) -> None:
+    """The adapter only (``adapter/`` with peft's safetensors), written atomically. ``state_dict``: the whole
+    model's tensors when the module's own are sharded (FSDP2)."""
+    with atomic_directory(Path(out) / ADAPTER_DIR) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
