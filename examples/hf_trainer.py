@@ -3,8 +3,9 @@
     python examples/hf_trainer.py --task social_iqa --steps 30
 
 The Trainer builds the optimizer through lorite's factory (transformers >= 5 calls
-``LoRARiteFactory()(model, **kwargs)``). ``max_grad_norm=0``: raw-gradient clipping would break LoRA-RITE's
-transformation invariance; it clips its unmagnified gradient itself.
+``LoRARiteFactory()(model, **kwargs)``), which takes the learning rate, weight decay and Adam betas from
+``TrainingArguments`` (kwargs given to the factory win). ``max_grad_norm=0``: raw-gradient clipping would
+break LoRA-RITE's transformation invariance; it clips its unmagnified gradient itself.
 """
 
 from __future__ import annotations
@@ -42,13 +43,14 @@ def main() -> None:
         return collate([Encoded(r["input_ids"], r["labels"]) for r in rows], tokenizer.pad_token_id)
 
     training = TrainingArguments(
-        output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=8, max_grad_norm=0.0,
+        output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=8, learning_rate=args.lr,
+        max_grad_norm=0.0,
         lr_scheduler_type="cosine", warmup_steps=max(1, args.steps // 10), logging_steps=5,
         report_to=[], save_strategy="no", remove_unused_columns=False,
     )  # fmt: skip
     trainer = Trainer(
         model=model, args=training, train_dataset=train, data_collator=collator,
-        optimizer_cls_and_kwargs=(LoRARiteFactory, {"lr": args.lr}),
+        optimizer_cls_and_kwargs=(LoRARiteFactory, {}),  # lr: TrainingArguments.learning_rate
     )  # fmt: skip
     trainer.train()
     print("test:", evaluate_task(model, tokenizer, task, splits.test))

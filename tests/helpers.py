@@ -30,11 +30,11 @@ def tiny_llama(dtype=torch.float32, seed=0, vocab=64, hidden=32, layers=2):
     return LlamaForCausalLM(config).to(dtype)
 
 
-def tiny_peft(dtype=torch.float32, seed=0, r=4, random_B=True, **lora_kwargs):
+def tiny_peft(dtype=torch.float32, seed=0, r=4, random_B=True, hidden=32, **lora_kwargs):
     """A tiny Llama with peft LoRA on all linear layers; B randomised so that B·A ≠ 0 (unless told)."""
     from peft import LoraConfig, get_peft_model
 
-    model = tiny_llama(dtype=dtype, seed=seed)
+    model = tiny_llama(dtype=dtype, seed=seed, hidden=hidden)
     lora_kwargs.setdefault("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
     config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, **lora_kwargs)
     model = get_peft_model(model, config, autocast_adapter_dtype=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from helpers import tiny_model_dir, write_task
 from lorite.cli import main
@@ -155,3 +156,122 @@ def test_evaluate_gives_a_runs_own_numbers_again_and_the_base_model_zero_shot(ca
     ]:
         code, err = run(capsys, ["evaluate", *extra])
         assert code == 2 and len(err) == 1 and message in err[0], (extra, err)
+
+
+# ------------------------------------------------------------------ manners: version, help, --lr, --config
+def test_version_and_help_show_defaults_and_choices(capsys, monkeypatch):
+    from lorite import __version__
+    from lorite.optim import available
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"lorite {__version__}"
+    monkeypatch.setenv("COLUMNS", "250")  # one help entry per line: no wrapping inside "(default: 16)"
+    assert main(["finetune", "--help"]) == 0
+    text = capsys.readouterr().out
+    rank = next(line for line in text.splitlines() if line.strip().startswith("--rank"))
+    assert "(default: 16)" in rank
+    optimizer = next(line for line in text.splitlines() if line.strip().startswith("--optimizer"))
+    assert ", ".join(available()) in optimizer and "(default: lora_rite)" in optimizer
+    assert "--schedule {cosine,linear,constant}" in text and "--parallel {none,ddp,fsdp2}" in text
+    assert "(default: 1)" in next(
+        line for line in text.splitlines() if line.strip().startswith("--keep-last")
+    )
+    for command in ("compare", "pretrain", "evaluate", "demo", "grow", "quantize", "federate"):
+        assert main([command, "--help"]) == 0
+    assert "(default: adamw)" in capsys.readouterr().out
+    code, err = run(capsys, ["finetune", "--task", "x", "--optimizer", "sgdx"])
+    assert code == 2 and len(err) == 1 and "invalid choice: 'sgdx'" in err[0], err
+
+
+def test_without_lr_the_optimizers_own_default_is_used_and_recorded(capsys, files, tmp_path):
+    from lorite.optim import default_lr
+
+    out = tmp_path / "run"
+    assert main(finetune_args(files, "--out", str(out), "--optimizer", "adamw", "--steps", "1")) == 0
+    assert json.loads((out / "metrics.json").read_text())["config"]["lr"] == default_lr("adamw") == 1e-4
+    assert json.loads(capsys.readouterr().out.split("\nadapter")[0])["lr"] == 1e-4, "and printed"
+
+
+def test_finetune_config_file_with_command_line_overrides(capsys, files, tmp_path):
+    model, task = files
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({
+        "task": f"file:{task}", "model": str(model), "optimizer": "adamw", "lr": 3e-3, "rank": 2, "seed": 3,
+        "steps": 1, "batch_size": 2, "n_validation": 8, "n_test": 8, "dropout": 0.05, "bf16": False,
+    }))  # fmt: skip
+    out = tmp_path / "run"
+    # the file gives the run; --rank 4 and --seed 0 (its default, given explicitly) override it
+    code, err = run(
+        capsys, ["finetune", "--config", str(config), "--out", str(out), "--rank", "4", "--seed", "0"]
+    )
+    assert code == 0, err
+    saved = json.loads((out / "metrics.json").read_text())["config"]
+    assert (saved["optimizer"], saved["lr"], saved["steps"], saved["dropout"]) == ("adamw", 3e-3, 1, 0.05)
+    assert (saved["rank"], saved["seed"], saved["bf16"]) == (4, 0, False)
+    assert saved["task"] == f"file:{task}" and saved["max_length"] == 512, "neither gives it: the default"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"task": "x", "rnk": 2, "lrate": 1}, "unknown keys ['lrate', 'rnk']"),
+        ({"task": "x", "rank": "8"}, "rank='8' is not of type <class 'int'>"),
+        ([1, 2], "must hold a JSON object of FinetuneConfig fields"),
+        ({"rank": 4}, "--task is required"),
+    ],
+)
+def test_a_bad_config_file_is_one_line_and_exit_code_2(capsys, tmp_path, content, message):
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps(content))
+    code, err = run(capsys, ["finetune", "--config", str(config), "--out", str(tmp_path / "run")])
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    code, err = run(capsys, ["finetune", "--config", str(tmp_path / "none.json")])
+    assert code == 2 and len(err) == 1 and "does not exist" in err[0], err
+
+
+# ------------------------------------------------------------------ exit codes of run-time failures
+def test_a_diverged_run_writes_its_metrics_and_exits_1(capsys, files, tmp_path):
+    out = tmp_path / "run"
+    argv = finetune_args(files, "--out", str(out), "--optimizer", "adamw", "--lr", "1e30", "--steps", "3")
+    code, err = run(capsys, argv)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["diverged"] is True and metrics["history"]["diverged_at"] in (2, 3)
+    errors = [line for line in err if "error" in line]  # (the progress bar writes to stderr too)
+    assert code == 1 and errors == err[-1:], err
+    assert (
+        f"the run diverged at step {metrics['history']['diverged_at']}" in err[-1] and "lr 1e+30" in err[-1]
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        (
+            torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nGPU 0 has 1 GiB"),
+            "out of memory",
+        ),
+        (RuntimeError("NCCL error\n  in all_reduce"), "lorite finetune: error: NCCL error in all_reduce"),
+    ],
+    ids=["out-of-memory", "runtime-error"],
+)
+def test_run_time_failures_are_one_line_and_exit_code_1(capsys, files, tmp_path, monkeypatch, error, message):
+    from lorite.commands import finetune as command
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(command, "finetune", fail)
+    code, err = run(capsys, finetune_args(files, "--out", str(tmp_path / "run")))
+    assert code == 1 and len(err) == 1 and message in err[0], err
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_comparison_without_a_usable_run_exits_1_after_its_report(capsys, files, tmp_path):
+    model, task = files
+    out = tmp_path / "cmp"
+    argv = ["compare", "--tasks", f"file:{task}", "--optimizers", "adamw", "--lrs", "1e30", "--model", str(model),
+            "--steps", "3", "--batch-size", "2", "--n-validation", "8", "--n-test", "8", "--no-zero-shot",
+            "--out", str(out)]  # fmt: skip
+    code, err = run(capsys, argv)
+    assert code == 1 and f"lorite compare: error: no usable run for adamw on file:{task}" in err[-1], err
+    assert (out / "report.md").exists() and (out / "results.json").exists()

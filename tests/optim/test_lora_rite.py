@@ -378,3 +378,18 @@ def test_rank_tolerance_is_checked():
     for bad in (-1e-3, 1.0):
         with pytest.raises(ValueError, match="rank_tolerance"):
             LoRARite([(A, B)], lr=1e-2, rank_tolerance=bad)
+
+
+def test_cuda_graph_option_is_ignored_on_cpu_and_kept_as_an_attribute():
+    """``cuda_graph=True`` captures the step on CUDA only (tests/gpu); on CPU it steps eagerly, identically."""
+    base = tiny_peft(seed=7)
+    plain_model, graph_model = copy.deepcopy(base), copy.deepcopy(base)
+    plain = LoRARite.from_model(plain_model, lr=1e-2)
+    graphed = LoRARite.from_model(graph_model, lr=1e-2, cuda_graph=True)
+    assert graphed.cuda_graph and not plain.cuda_graph
+    for ids in batches(4, seed=2):
+        lm_step(plain_model, plain, ids)
+        lm_step(graph_model, graphed, ids)
+    assert graphed._captured is None
+    for (name, p), q in zip(plain_model.named_parameters(), graph_model.parameters()):
+        assert torch.equal(p, q), name

@@ -114,3 +114,35 @@ def test_cached_task_files_are_plain_json(tmp_path, monkeypatch):
     assert path.parent == tmp_path / "bigbench" / "tasks" and path.name == "a__b.json"
     path.write_text(json.dumps({"examples": [{"input": "x", "target": "y"}]}))
     assert bigbench.load_tasks(["a/b"])["a/b"].examples[0].targets == ("y",)
+
+
+def _cached_sdist():
+    from lorite.cache import cache_dir
+
+    name, version = bigbench.SDIST
+    found = sorted((cache_dir() / "downloads").glob(f"{name}-{version}.tar.gz"))
+    return found[0] if found else None
+
+
+def test_the_shipped_index_is_the_sdists_task_list():
+    sdist = _cached_sdist()
+    if sdist is None:
+        pytest.skip("the BIG-bench sdist is not in lorite's cache: nothing to compare the index with")
+    names = bigbench.sdist_task_names(sdist)
+    assert bigbench.task_names() == names
+    assert len(names) == 1041 and "social_iqa" in names and "elementary_math_qa/question_only" in names
+
+
+def test_an_unknown_name_is_refused_before_any_download(tmp_path, monkeypatch):
+    from lorite.tasks import check_task_specs
+
+    def no_download(*args):
+        raise AssertionError("the sdist must not be fetched for a misspelt task name")
+
+    monkeypatch.setenv("LORITE_CACHE", str(tmp_path))  # an empty cache: nothing is known from it
+    monkeypatch.setattr(bigbench, "fetch_distribution", no_download)
+    with pytest.raises(LoriteError, match=r"unknown BIG-bench task 'social_iqaa'; did you mean 'social_iqa'"):
+        check_task_specs(["social_iqaa"])
+    with pytest.raises(LoriteError, match=r"unknown BIG-bench task 'no_such_task_zz'$"):
+        load_tasks(["no_such_task_zz"])
+    assert not (tmp_path / "downloads").exists() or not any((tmp_path / "downloads").iterdir())

@@ -11,18 +11,22 @@ from helpers import tiny_model_dir, write_task
 from lorite.data.blocks import pack_blocks
 from lorite.models import load_causal_lm
 from lorite.tasks.bigbench import load_task_file
-from lorite.tasks.encoding import format_prompt
+from lorite.tasks.encoding import collate, encode_examples, format_prompt, lm_loss
 from lorite.tasks.evaluation import (
     accuracy_from_scores,
+    answer_perplexity,
     answer_shares,
     choice_log_likelihoods,
     evaluate_task,
     exact_match,
     generate_answers,
+    length_normalized,
     normalize_answer,
     perplexity,
     rouge_l,
 )
+from lorite.tasks.rows import rows_to_task
+from lorite.tasks.task import Example
 
 
 def test_normalisation_and_exact_match():
@@ -98,15 +102,22 @@ def test_perplexity_matches_the_models_own_loss(tiny):
 def test_evaluate_task_reports_the_right_metrics(tiny, task, tmp_path):
     model, tokenizer = tiny
     mc = evaluate_task(model, tokenizer, task, list(task.examples[:8]))
+    assert set(mc) == {"accuracy", "acc_norm", "score", "n", "answer_shares"}
     assert (
-        set(mc) == {"accuracy", "score", "n", "answer_shares"} and 0 <= mc["accuracy"] <= 1 and mc["n"] == 8
+        0 <= mc["accuracy"] <= 1
+        and mc["score"] == mc["accuracy"]
+        and 0 <= mc["acc_norm"] <= 1
+        and mc["n"] == 8
     )
     choice_texts = {normalize_answer(c) for ex in task.examples[:8] for c in ex.choices}
     assert set(mc["answer_shares"]) <= choice_texts and sum(mc["answer_shares"].values()) <= 1 + 1e-9
     assert all(share * 8 == round(share * 8) for share in mc["answer_shares"].values()), "counts of 8"
     gen_task = load_task_file(write_task(tmp_path / "g.json", "generation"))
     gen = evaluate_task(model, tokenizer, gen_task, list(gen_task.examples[:4]))
-    assert {"exact_match", "rouge_l", "score"} <= set(gen) and gen["score"] == gen["rouge_l"]
+    assert {"exact_match", "rouge_l", "perplexity", "score"} <= set(gen) and gen["score"] == gen["rouge_l"]
+    assert gen["perplexity"] == pytest.approx(
+        answer_perplexity(model, tokenizer, gen_task, list(gen_task.examples[:4]))
+    )
 
 
 def test_pack_blocks_drops_the_tail_and_separates_documents():
@@ -114,3 +125,86 @@ def test_pack_blocks_drops_the_tail_and_separates_documents():
     assert blocks.tolist() == [[5, 6, 7], [0, 8, 9]]
     with pytest.raises(ValueError, match="block_length"):
         pack_blocks([[1]], block_length=1, separator=None)
+
+
+# ------------------------------------------------------------------------- rows: acc_norm, chat, perplexity
+def rows(*items):
+    return rows_to_task(((f"line {i + 1}", r) for i, r in enumerate(items)), "rows", "rows.jsonl")
+
+
+def test_length_normalized_divides_by_the_characters_of_each_choice():
+    examples = [Example("q", choices=("ab", "abcdef"), correct=(1,))]
+    assert length_normalized([[-2.0, -3.0]], examples) == [[-1.0, -0.5]]
+    assert accuracy_from_scores([[-2.0, -3.0]], [(1,)]) == 0.0
+    assert accuracy_from_scores(length_normalized([[-2.0, -3.0]], examples), [(1,)]) == 1.0
+
+
+def test_acc_norm_flips_the_choice_where_length_normalisation_does(tiny):
+    """A short choice wins on Σ log p, a long one on Σ log p per character: accuracy 0, acc_norm 1."""
+    model, tokenizer = tiny
+    shorts = list("abcdefghij")
+    longs = ["abcdefghijkl", "zyxwvutsrqpo", "hello world!", "mnopqrstuvwx"]
+    probe = rows({"prompt": "Q:", "choices": shorts + longs, "answer": 0})
+    (scores,) = choice_log_likelihoods(model, tokenizer, probe, list(probe.examples))
+    per_char = [s / len(c) for s, c in zip(scores, shorts + longs)]
+    long_index = max(range(len(shorts), len(per_char)), key=per_char.__getitem__)
+    short_index = min(range(len(shorts)), key=per_char.__getitem__)
+    short, long = shorts[short_index], longs[long_index - len(shorts)]
+    assert scores[short_index] > scores[long_index] and per_char[long_index] > per_char[short_index]
+    task = rows({"prompt": "Q:", "choices": [short, long], "answer": long})
+    metrics = evaluate_task(model, tokenizer, task, list(task.examples))
+    assert (metrics["accuracy"], metrics["acc_norm"], metrics["score"]) == (0.0, 1.0, 0.0)
+
+
+def test_answer_perplexity_is_the_exponential_of_the_loss_on_the_answer_tokens(tiny):
+    model, tokenizer = tiny
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    for task in (
+        rows({"prompt": "Q: hi\nA:", "completion": " yo"}, {"prompt": "Q: hey\nA:", "completion": " hello"}),
+        rows({"messages": chat}, {"messages": [*chat, {"role": "user", "content": "ok"}, chat[1]]}),
+    ):
+        encoded = encode_examples(task, list(task.examples), tokenizer, 512)
+        with torch.no_grad():
+            nll = [float(lm_loss(model, collate([e], tokenizer.pad_token_id))) for e in encoded]
+        counts = [sum(label != -100 for label in e.labels[1:]) for e in encoded]
+        expected = math.exp(sum(n * c for n, c in zip(nll, counts)) / sum(counts))
+        assert answer_perplexity(model, tokenizer, task, list(task.examples), batch_size=2) == pytest.approx(
+            expected
+        )
+
+
+def test_chat_answers_are_generated_from_the_turns_before_the_last_assistant_turn(tiny):
+    model, tokenizer = tiny
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                {"role": "user", "content": "ok"}, {"role": "assistant", "content": "fine"}]  # fmt: skip
+    task = rows({"messages": messages})
+    (answer,) = generate_answers(model, tokenizer, task, list(task.examples), max_new_tokens=5)
+    prompt = tokenizer("<user>hi<eos><assistant>yo<eos><user>ok<eos><assistant>", add_special_tokens=False)
+    ids = torch.tensor([prompt["input_ids"]])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    assert answer == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def test_exact_match_and_rouge_l_of_a_model_that_learned_one_answer(tmp_path):
+    """Trained until it answers "hi" with "yo": exact match 1/2 and ROUGE-L (1 + 2/3)/2 against the
+    references "yo" and "yo there"; the learned answer's perplexity is near 1."""
+    model, tokenizer = load_causal_lm(tiny_model_dir(tmp_path / "model", seed=1))
+    hi = {"role": "user", "content": "hi"}
+    train = rows({"messages": [hi, {"role": "assistant", "content": "yo"}]})
+    batch = collate(encode_examples(train, list(train.examples), tokenizer, 64), tokenizer.pad_token_id)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    for _ in range(60):
+        loss = lm_loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    task = rows({"messages": [hi, {"role": "assistant", "content": "yo"}]},
+                {"messages": [hi, {"role": "assistant", "content": "yo there"}]})  # fmt: skip
+    metrics = evaluate_task(model, tokenizer, task, list(task.examples))
+    assert metrics["samples"] == ["yo", "yo"]
+    assert metrics["exact_match"] == 0.5 and metrics["rouge_l"] == pytest.approx((1 + 2 / 3) / 2)
+    assert metrics["score"] == metrics["rouge_l"] and metrics["answer_shares"] == {"yo": 1.0}
+    assert answer_perplexity(model, tokenizer, task, list(task.examples[:1])) < 1.1 < metrics["perplexity"]

@@ -72,11 +72,11 @@ def add_parser(sub) -> None:
     spectrum.add_argument(
         "--adapter", default=None, help="a peft LoRA adapter dir (or its run dir): ΔW = s·B·A"
     )
-    spectrum.add_argument("--threshold", type=float, default=0.9, help="share of the variance (default 0.9)")
+    spectrum.add_argument("--threshold", type=float, default=0.9, help="share of the variance")
     spectrum.add_argument("--criterion", default="var", help="var (σ², the paper's) or sv (σ)")
     spectrum.add_argument("--seed", type=int, default=0, help="the random Gaussian reference")
-    spectrum.add_argument("--device", default="auto")
-    spectrum.add_argument("--out", default="lorite-spectrum")
+    spectrum.add_argument("--device", default="auto", help="auto (CUDA if there is one), cpu, cuda, …")
+    spectrum.add_argument("--out", default="lorite-spectrum", help="the output directory")
     spectrum.set_defaults(func=cmd_spectrum)
 
     forgetting = kinds.add_parser("forgetting", help="source-domain metrics across checkpoints; the plot")
@@ -85,16 +85,16 @@ def add_parser(sub) -> None:
     )
     forgetting.add_argument("--base", default=None, help="base model (default: each run's own --model)")
     forgetting.add_argument("--prose", default="shakespeare", help="corpus for held-out prose perplexity")
-    forgetting.add_argument("--prose-split", default="heldout", help="heldout (default) or all documents")
-    forgetting.add_argument("--prose-blocks", type=int, default=64)
-    forgetting.add_argument("--block-length", type=int, default=256)
+    forgetting.add_argument("--prose-split", default="heldout", help="heldout or all documents")
+    forgetting.add_argument("--prose-blocks", type=int, default=64, help="prose blocks evaluated")
+    forgetting.add_argument("--block-length", type=int, default=256, help="tokens per prose block")
     forgetting.add_argument(
         "--commonsense", default=",".join(DEFAULT_COMMONSENSE), help="comma list of multiple-choice tasks"
     )
     forgetting.add_argument("--n-examples", type=int, default=300, help="per commonsense task")
     forgetting.add_argument("--no-target", action="store_true", help="skip the runs' own task")
-    forgetting.add_argument("--target-split", default="validation", help="validation (default) or test")
-    forgetting.add_argument("--batch-size", type=int, default=32)
-    forgetting.add_argument("--device", default="auto")
-    forgetting.add_argument("--out", default="lorite-forgetting")
+    forgetting.add_argument("--target-split", default="validation", help="validation or test")
+    forgetting.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
+    forgetting.add_argument("--device", default="auto", help="auto (CUDA if there is one), cpu, cuda, …")
+    forgetting.add_argument("--out", default="lorite-forgetting", help="the output directory")
     forgetting.set_defaults(func=cmd_forgetting)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from ..cache import atomic_write_text
@@ -21,7 +22,7 @@ from ..train.compare import (
 )
 from ..train.finetune import FinetuneConfig
 from ..train.report import write_report
-from ._options import add_training_args, check_names, parse_list, training_config
+from ._options import RunFailed, add_training_args, check_names, parse_list, training_config
 
 
 def run(args: argparse.Namespace) -> None:
@@ -65,6 +66,17 @@ def run(args: argparse.Namespace) -> None:
     )
     print_table(results)
     print(f"\nreport: {out / 'report.md'}   results: {out / 'results.json'}   plots: {out}/*.png")
+    unusable = [
+        f"{name} on {task}"
+        for task, entry in results["tasks"].items()
+        for name, info in entry["optimizers"].items()
+        if not math.isfinite(info["test_score"][0])
+    ]
+    if unusable:  # exit code 1: the comparison has no result for these
+        raise RunFailed(
+            f"no usable run for {', '.join(unusable)}: every run at the chosen learning rate diverged or "
+            f"failed (see {out / 'report.md'})"
+        )
 
 
 def write_finished_report(tasks, optimizers, grids, seeds, out, base, widen, folder: Path) -> None:
@@ -109,7 +121,7 @@ def add_parser(sub) -> None:
         help="when a best lr sits at a grid edge, try up to N half-decade steps past it (per side)",
     )
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
-    parser.add_argument("--out", default="lorite-compare")
+    parser.add_argument("--out", default="lorite-compare", help="the comparison's directory")
     parser.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot baseline")
     parser.add_argument(
         "--progress",

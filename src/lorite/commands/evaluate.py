@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> None:
                 f"--run {str(run_dir)!r}: no metrics.json there (not a finished lorite finetune run)"
             )
         saved = json.loads(metrics_file.read_text())["config"]
+        saved.setdefault("dtype", "fp32")  # a run from before --dtype trained on an fp32 base
         known = {f.name for f in fields(FinetuneConfig)}
         config = FinetuneConfig(**{k: v for k, v in saved.items() if k in known})
         if config.method != "lora":
@@ -72,12 +73,20 @@ def add_parser(sub) -> None:
         "--config", default=None, help="with --task: a comparison config's evaluation settings"
     )
     parser.add_argument(
-        "--model", default=None, help="SmolLM2-135M-Instruct (default), a .gguf file or a model dir"
+        "--model",
+        default=None,
+        help="SmolLM2-135M-Instruct (default), a .gguf file, a model dir or a Hugging Face id owner/name",
     )
-    parser.add_argument("--n-validation", type=int, default=None)
-    parser.add_argument("--n-test", type=int, default=None)
-    parser.add_argument("--max-length", type=int, default=None)
-    parser.add_argument("--eval-batch-size", type=int, default=None)
+    parser.add_argument(
+        "--n-validation", type=int, default=None, help="validation examples (default: 200, or the run's)"
+    )
+    parser.add_argument("--n-test", type=int, default=None, help="test examples (default: 400, or the run's)")
+    parser.add_argument(
+        "--max-length", type=int, default=None, help="tokens per example (default: 512, or the run's)"
+    )
+    parser.add_argument(
+        "--eval-batch-size", type=int, default=None, help="examples per batch (default: 32, or the run's)"
+    )
     parser.add_argument("--device", default=None, help="auto (default), cpu, cuda")
     parser.add_argument("--out", default=None, help="also write the JSON to this (new) file")
     parser.set_defaults(func=run)

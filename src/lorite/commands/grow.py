@@ -8,29 +8,34 @@ import json
 
 from ..growth.grow import GrowConfig, grow_run
 from ..growth.ligo import DEPTH_INITS, METHODS, WIDTH_FORMS, WIDTH_INITS
+from ..models.llama import LLAMA_SIZES
 
 
 def add_parser(sub) -> None:
     grow = sub.add_parser("grow", help="grow a pretrained small Llama into a larger size (LiGO or stacking)")
     grow.add_argument("--from", dest="source", required=True, help="HF model dir or a `lorite pretrain` run")
-    grow.add_argument("--to-size", default="60m", help="target size (lorite.models.llama.LLAMA_SIZES)")
+    grow.add_argument("--to-size", default="60m", help=f"target size: {', '.join(LLAMA_SIZES)}")
     grow.add_argument("--out", required=True, help="new directory for the grown model (HF format)")
-    grow.add_argument("--method", default="ligo", choices=METHODS)
+    grow.add_argument("--method", default="ligo", choices=METHODS, help="LiGO (learned) or stacking")
     grow.add_argument("--ligo-steps", type=int, default=100, help="operator training steps (LiGO)")
     grow.add_argument("--data", default=None, help="token cache dir (default: the pretrain run's)")
     grow.add_argument("--corpora", default=None, help="comma list, when a token cache has to be built")
     grow.add_argument("--block-length", type=int, default=256, help="when a token cache has to be built")
-    grow.add_argument("--batch-size", type=int, default=32)
+    grow.add_argument(
+        "--batch-size", type=int, default=32, help="blocks per operator step and evaluation batch"
+    )
     grow.add_argument("--lr", type=float, default=3e-3, help="operator learning rate (AdamW)")
-    grow.add_argument("--warmup-steps", type=int, default=10)
-    grow.add_argument("--width-init", default="rand", choices=WIDTH_INITS)
-    grow.add_argument("--depth-init", default="stack_noisy", choices=DEPTH_INITS)
-    grow.add_argument("--width-form", default="identity_plus_C", choices=WIDTH_FORMS)
+    grow.add_argument("--warmup-steps", type=int, default=10, help="operator lr warmup (LiGO)")
+    grow.add_argument("--width-init", default="rand", choices=WIDTH_INITS, help="width operator init (LiGO)")
+    grow.add_argument("--depth-init", default="stack_noisy", choices=DEPTH_INITS, help="depth operator init")
+    grow.add_argument(
+        "--width-form", default="identity_plus_C", choices=WIDTH_FORMS, help="width operator form"
+    )
     grow.add_argument("--eval-blocks", type=int, default=64, help="held-out blocks for before/after losses")
-    grow.add_argument("--seed", type=int, default=0)
-    grow.add_argument("--device", default="auto")
-    grow.add_argument("--no-bf16", action="store_true")
-    grow.add_argument("--no-progress", action="store_true")
+    grow.add_argument("--seed", type=int, default=0, help="operator init and data order")
+    grow.add_argument("--device", default="auto", help="auto (CUDA if there is one), cpu, cuda, …")
+    grow.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on CUDA")
+    grow.add_argument("--no-progress", action="store_true", help="no progress bar")
     grow.set_defaults(func=run)
 
 

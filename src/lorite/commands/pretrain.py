@@ -7,10 +7,13 @@ import argparse
 import json
 from pathlib import Path
 
+from ..data.blocks import SAMPLERS
 from ..errors import LoriteError
-from ..runtime import check_output_dir
+from ..models.llama import LLAMA_SIZES
+from ..optim import available
+from ..runtime import SCHEDULES, check_output_dir
 from ..train.pretrain import DEFAULT_CORPORA, PretrainConfig, pretrain, saved_config
-from ._options import json_object, parse_list
+from ._options import add_keep_last, add_report_to, json_object, parse_list
 
 
 def parse_tokens(text: str) -> int:
@@ -30,6 +33,8 @@ def run(args: argparse.Namespace) -> None:
         out = Path(args.resume)
         config = saved_config(out)  # the run's own settings
         config.progress = True
+        if args.report_to is not None:  # a view of the run, not part of it: may change on resume
+            config.report_to = args.report_to
     else:
         out = Path(args.out)
         check_output_dir(out, resume=False)
@@ -43,9 +48,9 @@ def run(args: argparse.Namespace) -> None:
             grad_accum=args.grad_accum, warmup=args.warmup, schedule=args.schedule, grad_clip=args.grad_clip,
             sampler=args.sampler, sampler_options=json_object(args.sampler_args, "--sampler-args"),
             eval_every=args.eval_every, seed=args.seed, device=args.device, bf16=not args.no_bf16,
-            checkpoint_every=args.checkpoint_every, corpora=corpora,
+            checkpoint_every=args.checkpoint_every, keep_last=args.keep_last, corpora=corpora,
             train_corpora=parse_list(args.train_corpora, "train-corpora") if args.train_corpora else None,
-            data=args.data, time_limit=args.time_limit, progress=True,
+            data=args.data, time_limit=args.time_limit, progress=True, report_to=args.report_to or "none",
         )  # fmt: skip
     results = pretrain(config, out, resume=args.resume is not None)
     final = results.get("final", {})
@@ -62,12 +67,16 @@ def run(args: argparse.Namespace) -> None:
 
 def add_parser(sub) -> None:
     pre = sub.add_parser("pretrain", help="pre-train a small LLaMA from scratch (GaLore/Fira sizes)")
-    pre.add_argument("--size", default="60m", help="tiny, 20m, 60m, 130m or 350m (lorite.models.llama)")
-    pre.add_argument("--optimizer", default="adamw", help="a lorite.optim name, e.g. adamw, fira_adamw")
+    pre.add_argument(
+        "--size", default="60m", choices=LLAMA_SIZES, help="the Llama size (lorite.models.llama)"
+    )
+    pre.add_argument(
+        "--optimizer", default="adamw", choices=list(available()), metavar="NAME", help="%(choices)s"
+    )
     pre.add_argument("--tokens", default=None, help="training budget: 20000000, 2e7 or 20M")
-    pre.add_argument("--lr", type=float, default=1e-3)
+    pre.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     pre.add_argument("--optimizer-args", default="{}", help='JSON, e.g. \'{"rank": 128, "scale": 0.25}\'')
-    pre.add_argument("--sampler", default="random", help="random or lfr")
+    pre.add_argument("--sampler", default="random", choices=SAMPLERS, help="how training blocks are drawn")
     pre.add_argument("--sampler-args", default="{}", help="the sampler's options as JSON")
     pre.add_argument(
         "--corpora",
@@ -76,18 +85,22 @@ def add_parser(sub) -> None:
     )
     pre.add_argument("--train-corpora", default=None, help="comma list trained on (default: all --corpora)")
     pre.add_argument("--data", default=None, help="an existing token cache directory")
-    pre.add_argument("--block-length", type=int, default=256)
+    pre.add_argument("--block-length", type=int, default=256, help="tokens per training block")
     pre.add_argument("--batch-size", type=int, default=64, help="blocks per micro-batch (per GPU)")
-    pre.add_argument("--grad-accum", type=int, default=1)
+    pre.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     pre.add_argument("--warmup", type=float, default=0.1, help="warmup as a fraction of the steps")
-    pre.add_argument("--schedule", default="cosine", help="cosine, linear or constant after warmup")
+    pre.add_argument("--schedule", default="cosine", choices=SCHEDULES, help="the lr after warmup")
     pre.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0: off)")
     pre.add_argument("--eval-every", type=int, default=100, help="validation every N steps (0: at the end)")
-    pre.add_argument("--checkpoint-every", type=int, default=0)
+    pre.add_argument(
+        "--checkpoint-every", type=int, default=0, help="write RUN/checkpoint every N steps (0: when stopped)"
+    )
+    add_keep_last(pre)
     pre.add_argument("--time-limit", type=float, default=None, help="seconds; then checkpoint and stop")
-    pre.add_argument("--seed", type=int, default=0)
-    pre.add_argument("--device", default="auto")
+    pre.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
+    pre.add_argument("--device", default="auto", help="auto (CUDA if there is one), cpu, cuda, cuda:1, …")
     pre.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on CUDA")
-    pre.add_argument("--out", default="lorite-pretrain")
+    pre.add_argument("--out", default="lorite-pretrain", help="the run's directory (new)")
     pre.add_argument("--resume", default=None, help="continue the run whose checkpoint is in this dir")
+    add_report_to(pre, default=None)  # None: none, or on --resume the run's own setting
     pre.set_defaults(func=run)

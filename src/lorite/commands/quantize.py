@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
     quant.add_argument(
         "--budget", type=float, default=3.0, help="bits per parameter of Q (LoRA factors extra)"
     )
-    quant.add_argument("--rank", type=int, default=64)
+    quant.add_argument("--rank", type=int, default=64, help="rank of the LoRA factors L1·L2")
     quant.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: = rank, scaling 1)")
     quant.add_argument(
         "--init",
@@ -40,11 +40,11 @@ def add_parser(sub) -> None:
     quant.add_argument("--target-modules", default="all-linear", help="'all-linear' or a comma list")
     quant.add_argument("--eval-corpus", default="shakespeare", help="held-out documents for perplexity")
     quant.add_argument("--eval-blocks", type=int, default=16, help="perplexity blocks (0: skip)")
-    quant.add_argument("--block-length", type=int, default=512)
-    quant.add_argument("--device", default="auto")
+    quant.add_argument("--block-length", type=int, default=512, help="tokens per perplexity block")
+    quant.add_argument("--device", default="auto", help="auto (CUDA if there is one), cpu, cuda, …")
     quant.add_argument("--cache", default=None, help="cost cache file (default: in lorite's cache dir)")
     quant.add_argument("--no-cache", action="store_true", help="recompute every reconstruction error")
-    quant.add_argument("--seed", type=int, default=0)
+    quant.add_argument("--seed", type=int, default=0, help="calibration sampling and the randomised SVD")
     quant.add_argument("--out", required=True, help="a new directory for the model and report")
     quant.set_defaults(func=run)
 

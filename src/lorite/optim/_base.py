@@ -133,7 +133,7 @@ class PairOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
     def from_model(
         cls,
         model: nn.Module,
-        lr: float | torch.Tensor = 1e-3,
+        lr: float | torch.Tensor | None = None,
         *,
         strict: bool = False,
         adapter_names: Iterable[str] | None = None,
@@ -141,9 +141,10 @@ class PairOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
     ) -> PairOptimizer:
         """Build the optimizer over every trainable LoRA pair of ``model`` (a peft model).
 
-        Pairs are found by module (:func:`lorite.optim.pairs.find_lora_pairs`). Trainable parameters that
-        belong to no pair go to an AdamW group in the same optimizer (``fallback_lr``, default ``lr``;
-        ``fallback_betas``, ``fallback_eps``, ``fallback_weight_decay``), or raise when ``strict=True``.
+        ``lr=None`` takes the optimizer's own default rate (its constructor's). Pairs are found by module
+        (:func:`lorite.optim.pairs.find_lora_pairs`). Trainable parameters that belong to no pair go to an
+        AdamW group in the same optimizer (``fallback_lr``, default ``lr``; ``fallback_betas``,
+        ``fallback_eps``, ``fallback_weight_decay``), or raise when ``strict=True``.
         """
         scan = find_lora_pairs(model, adapter_names)
         if not scan.pairs:
@@ -171,7 +172,9 @@ class PairOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
             )
         if scan.unpaired:
             groups.append({"params": [u.param for u in scan.unpaired], "role": ADAMW})
-        return cls(groups, lr=lr, **kwargs)
+        if lr is not None:
+            kwargs["lr"] = lr
+        return cls(groups, **kwargs)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group = dict(param_group)
@@ -403,8 +406,10 @@ def _shard_like(value: Any, param: torch.Tensor) -> Any:
     return DTensor.from_local(local, param.device_mesh, placements, shape=value.shape, stride=value.stride())
 
 
-def _trainer_max_grad_norm() -> float | None:
-    """``args.max_grad_norm`` of the HF Trainer calling us, if any (found by walking up the call stack)."""
+def _calling_trainer() -> Any | None:
+    """The HF ``Trainer`` whose ``create_optimizer`` is calling a factory, if any: found by walking up the
+    call stack (transformers hands a factory the model and the optimizer kwargs, not its arguments), so
+    :mod:`lorite.optim` needs no transformers import."""
     frame = sys._getframe(1)
     for _ in range(8):
         frame = frame.f_back
@@ -413,24 +418,57 @@ def _trainer_max_grad_norm() -> float | None:
         owner = frame.f_locals.get("self")
         args = getattr(owner, "args", None)
         if "Trainer" in type(owner).__name__ and hasattr(args, "max_grad_norm"):
-            return args.max_grad_norm
+            return owner
     return None
 
 
+#: ``TrainingArguments`` fields and the optimizer keyword each becomes (betas from the two Adam betas).
+TRAINER_ARGUMENTS = {
+    "lr": ("learning_rate",),
+    "weight_decay": ("weight_decay",),
+    "betas": ("adam_beta1", "adam_beta2"),
+    "eps": ("adam_epsilon",),
+    "fallback_betas": ("adam_beta1", "adam_beta2"),
+    "fallback_eps": ("adam_epsilon",),
+}
+
+
 class PairOptimizerFactory:
-    """HF Trainer factory: ``Trainer(optimizer_cls_and_kwargs=(Factory, {"lr": ...}))``.
+    """HF Trainer factory: ``Trainer(optimizer_cls_and_kwargs=(Factory, {...}))``.
 
     transformers >= 5 calls ``Factory()(model, **kwargs)`` for classes that are not ``torch.optim.Optimizer``
-    subclasses; this builds ``optimizer_cls.from_model(model, **kwargs)``. For transformation-invariant
-    optimizers it warns when the Trainer clips raw gradients (``max_grad_norm`` must be 0).
+    subclasses; this builds ``optimizer_cls.from_model(model, **kwargs)``. Like the Trainer's own
+    optimizers, the hyperparameters come from its ``TrainingArguments`` unless ``kwargs`` gives them:
+    ``learning_rate`` → ``lr``, ``weight_decay`` → ``weight_decay``, ``(adam_beta1, adam_beta2)`` →
+    ``betas`` and ``adam_epsilon`` → ``eps`` where the optimizer has them (:attr:`trainer_keywords`), and
+    the two Adam settings also → ``fallback_betas`` / ``fallback_eps`` of the AdamW group of unpaired
+    parameters. That group keeps ``fallback_weight_decay=0`` (the Trainer does not decay biases and norms
+    either). For transformation-invariant optimizers it warns when the Trainer clips raw gradients
+    (``max_grad_norm`` must be 0).
     """
 
     optimizer_cls: ClassVar[type[PairOptimizer]]
+    #: The optimizer keywords filled from ``TrainingArguments`` (see :data:`TRAINER_ARGUMENTS`); only those
+    #: the optimizer takes (``lr``, the fallback's, and its :attr:`PairOptimizer.pair_defaults`) are used.
+    trainer_keywords: ClassVar[tuple[str, ...]] = tuple(TRAINER_ARGUMENTS)
+
+    def trainer_kwargs(self, args: Any) -> dict[str, Any]:
+        """The optimizer keywords that ``args`` (a ``TrainingArguments``) gives this optimizer."""
+        takes = {"lr", "fallback_betas", "fallback_eps", *self.optimizer_cls.pair_defaults}
+        out = {}
+        for keyword in self.trainer_keywords:
+            fields = TRAINER_ARGUMENTS[keyword]
+            if keyword in takes and all(hasattr(args, name) for name in fields):
+                values = tuple(getattr(args, name) for name in fields)
+                out[keyword] = values if len(values) > 1 else values[0]
+        return out
 
     def __call__(self, model: nn.Module, **kwargs: Any) -> PairOptimizer:
-        if self.optimizer_cls.transformation_invariant:
-            max_grad_norm = _trainer_max_grad_norm()
-            if max_grad_norm:
+        trainer = _calling_trainer()
+        if trainer is not None:
+            kwargs = {**self.trainer_kwargs(trainer.args), **kwargs}  # explicit kwargs win
+            max_grad_norm = trainer.args.max_grad_norm
+            if self.optimizer_cls.transformation_invariant and max_grad_norm:
                 warnings.warn(
                     f"Trainer max_grad_norm={max_grad_norm}: clipping raw gradients breaks "
                     f"{self.optimizer_cls.__name__}'s transformation invariance. Set max_grad_norm=0 in "

@@ -32,6 +32,10 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
         "update_capping": 0.0,
     },
 }
+# The learning rate each variant takes when none is given, inside its "--lrs auto" grid of lorite compare:
+# the paper variant's best rate in docs/results.md (1e-2 on social_iqa and strategyqa at r = 16); the
+# reference variant's rows-normalised update is ~√rows larger per unit lr (its best there: 3e-4).
+VARIANT_LR: dict[str, float] = {"paper": 1e-2, "reference": 1e-3}
 
 
 _BIG_STATE = ("first_moment", "basis")  # (r, rows) per factor: one buffer per bucket
@@ -75,6 +79,23 @@ class _Plan:
     dtype: torch.dtype
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # step, second_moment, escaped_mass
     views: list[torch.Tensor] = field(default_factory=list)  # state[p]["first_moment"] as this plan set it
+
+
+@dataclass
+class _CapturedStep:
+    """The pair step of a set of plans, captured once in a CUDA graph and replayed every step.
+
+    ``signature`` says what the graph baked in (the plans, the parameters' addresses, every
+    hyperparameter but the learning rate); ``grads`` and ``lrs`` are its static inputs: each step copies
+    the gradients and learning rates into them before the replay."""
+
+    signature: tuple
+    graph: Any
+    grads: list[torch.Tensor]
+    lrs: list[torch.Tensor]
+
+
+_EAGER_STEPS_BEFORE_CAPTURE = 2  # the first steps compile the Triton kernels and build every buffer
 
 
 class LoRARite(PairOptimizer):
@@ -126,6 +147,7 @@ class LoRARite(PairOptimizer):
     ``eps`` / ``eps_root``        0 / 1e-12 (inside the √)     1e-6 (outside the √) / 0
     ``clip_unmagnified_grad``     0 (off)                      1.0 (global)
     ``update_skipping``           0 (off)                      1.0
+    ``lr`` (when not given)       1e-2                         1e-3
     ============================  ===========================  ===============================
 
     ``"reference"`` reproduces the authors' PyTorch code (github gkevinyen5418/LoRA-RITE) except for its
@@ -144,13 +166,20 @@ class LoRARite(PairOptimizer):
     ever formed: ``R`` comes from a float64 Cholesky of ``X̄ᵀX̄`` and the basis change from the previous
     factor, ``QᵀQ' = R⁻ᵀ(X̄ᵀX̄')R'⁻¹`` (``torch.linalg.qr`` loops over the batch on CUDA). Row-sized data is
     held as ``r × rows`` so that every big product is ``(r × r)·(r × rows)``. The ``r × r``
-    eigendecompositions use a Triton Jacobi kernel on CUDA up to r = 32 (``torch.linalg.eigh``
-    synchronises with the host there), and LAPACK on the host above (both GPU solvers are far slower at
-    64 × 64; see ``_linalg.eigh_small`` and benchmarks/RESULTS.md). Up to r = 32 ``step()`` reads no
-    tensor value on the host (``tests/gpu`` checks it with ``torch.cuda.set_sync_debug_mode("error")``),
-    so it overlaps the backward pass instead of waiting for it. CUDA-graph capture of the step is *not*
-    supported yet: a captured step replays exactly while its learning rate stays constant, but diverges
-    from the eager step once an lr schedule changes the lr (benchmarks/RESULTS.md).
+    eigendecompositions use lorite's Triton Jacobi kernels on CUDA at every rank (``torch.linalg.eigh``
+    synchronises with the host; see ``_linalg.eigh_small``), so ``step()`` reads no tensor value on the
+    host (``tests/gpu`` checks it with ``torch.cuda.set_sync_debug_mode("error")``) and overlaps the
+    backward pass instead of waiting for it.
+
+    CUDA graphs: the step is a few hundred small kernels, so at low rank it is bound by their launches,
+    not by the GPU. With ``cuda_graph=True`` (CUDA only; ignored on CPU) the optimizer captures its pair
+    step once, after two eager steps, and replays it: each step copies the gradients and the learning
+    rates into the graph's static inputs (so ``zero_grad(set_to_none=True)``, lr schedules and
+    gradient accumulation work as usual) and launches one graph. It is captured again when the
+    parameters move in memory, the set of pairs with gradients changes, the state is loaded, or a
+    hyperparameter other than ``lr`` changes. The step can also be captured from outside, in a graph of
+    the whole training step, with a device-tensor ``lr`` updated in place, as torch's ``capturable``
+    optimizers do (``tests/gpu``). The fallback AdamW group steps eagerly.
 
     Rank guard (not in the paper): a factor whose Cholesky fails or whose ``R`` is rank deficient is
     treated like ``B = 0``: ``R⁺ = 0``, so its partner does not move that step. Deficient means
@@ -179,7 +208,7 @@ class LoRARite(PairOptimizer):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float | torch.Tensor = 1e-3,
+        lr: float | torch.Tensor | None = None,
         *,
         variant: str = "paper",
         betas: tuple[float, float] = (0.9, 0.999),
@@ -192,12 +221,13 @@ class LoRARite(PairOptimizer):
         update_skipping: float | None = None,
         update_capping: float | None = None,
         rank_tolerance: float = 3e-3,
+        cuda_graph: bool = False,
         **fallback: Any,
     ) -> None:
         """Args:
         params: ``(A, B)`` tuples, or param-group dicts ``{"params": [A0, B0, A1, B1, …], …}`` (an
             ``"role": "adamw"`` group holds unpaired parameters). Prefer :meth:`from_model`.
-        lr: learning rate η (float or 0-d tensor).
+        lr: learning rate η (float or 0-d tensor); ``None`` takes the variant's (:data:`VARIANT_LR`).
         variant: ``"paper"`` (Algorithm 1 with escaped mass) or ``"reference"`` (the authors' code).
         betas: (β1, β2), decays of the first moment M and second moment V.
         weight_decay: decoupled weight decay λ_wd.
@@ -206,6 +236,7 @@ class LoRARite(PairOptimizer):
         rank_tolerance: treat a factor with ``min|R_ii| ≤ rank_tolerance·max|R_ii|`` as rank deficient
             (its partner waits), on top of the numerical test; 0 is Algorithm 1 as published. See "Rank
             guard" in the class docstring.
+        cuda_graph: capture the pair step in a CUDA graph and replay it (see "CUDA graphs" above).
         **fallback: ``fallback_lr``, ``fallback_betas``, ``fallback_eps``, ``fallback_weight_decay`` for
             the AdamW group of unpaired parameters.
         """
@@ -227,7 +258,10 @@ class LoRARite(PairOptimizer):
             variant=variant, betas=tuple(betas), weight_decay=weight_decay, rank_tolerance=rank_tolerance
         )
         self._plans: dict[tuple, _Plan] = {}
-        super().__init__(params, lr, hparams, **fallback)
+        self.cuda_graph = bool(cuda_graph)
+        self._captured: _CapturedStep | None = None
+        self._eager_steps = 0  # eager steps since the captured graph last stopped matching
+        super().__init__(params, VARIANT_LR[variant] if lr is None else lr, hparams, **fallback)
 
     def _validate_pair_group(self, group: dict[str, Any], where: str) -> None:
         super()._validate_pair_group(group, where)
@@ -258,6 +292,7 @@ class LoRARite(PairOptimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._plans = {}  # loaded state tensors are not views of any buffer: restack them on the next step
+        self._captured = None
 
     def _plans_for(self, group: dict[str, Any]) -> list[_Plan]:
         """The plans for this step's pairs (those with gradients), built once and reused while valid."""
@@ -343,7 +378,61 @@ class LoRARite(PairOptimizer):
         self._plans = {plan.key: plan for plan in plans}
         if not plans:
             return
-        self._compute(plans)
+        if self.cuda_graph and all(plan.partner.is_cuda for plan in plans):
+            self._replay(plans)
+        else:
+            self._compute(plans)
+
+    # ------------------------------------------------------------------ CUDA graph
+    def _replay(self, plans: list[_Plan]) -> None:
+        """The step through a captured CUDA graph: capture it (after warm-up) if it does not match these
+        plans, then copy this step's gradients and learning rates into its inputs and replay it."""
+        signature = tuple(
+            (id(plan), tuple(p.data_ptr() for p in plan.params), _graph_hyperparameters(plan.group))
+            for plan in plans
+        )
+        captured = self._captured
+        if captured is None or captured.signature != signature:
+            self._captured = None
+            if self._eager_steps < _EAGER_STEPS_BEFORE_CAPTURE or torch.cuda.is_current_stream_capturing():
+                self._eager_steps += 1
+                self._compute(plans)
+                return
+            captured = self._captured = self._capture(plans, signature)
+        self._eager_steps = 0
+        torch._foreach_copy_(captured.grads, [p.grad for plan in plans for p in plan.params])
+        for lr, plan in zip(captured.lrs, plans):
+            rate = plan.group["lr"]
+            if isinstance(rate, torch.Tensor):
+                lr.copy_(rate)
+            else:
+                lr.fill_(rate)
+        captured.graph.replay()
+        self._probe_nonfinite()
+
+    def _capture(self, plans: list[_Plan], signature: tuple) -> _CapturedStep:
+        """Record :meth:`_compute` for ``plans`` in a CUDA graph (nothing runs: the caller replays it).
+        While recording, the gradients are the graph's static copies and each group's ``lr`` a device
+        tensor; both are put back afterwards."""
+        params = [p for plan in plans for p in plan.params]
+        given_grads = [p.grad for p in params]
+        given_lrs = [plan.group["lr"] for plan in plans]
+        grads = [g.detach().clone() for g in given_grads]
+        lrs = [torch.zeros((), dtype=plan.dtype, device=plan.partner.device) for plan in plans]
+        graph = torch.cuda.CUDAGraph()
+        try:
+            for p, g in zip(params, grads):
+                p.grad = g
+            for plan, lr in zip(plans, lrs):
+                plan.group["lr"] = lr
+            with torch.cuda.graph(graph):
+                self._compute(plans)
+        finally:
+            for p, g in zip(params, given_grads):
+                p.grad = g
+            for plan, lr in zip(plans, given_lrs):
+                plan.group["lr"] = lr
+        return _CapturedStep(signature, graph, grads, lrs)
 
     def _compute(self, plans: list[_Plan]) -> None:
         work = [self._unmagnify(plan) for plan in plans]
@@ -513,6 +602,11 @@ class LoRARite(PairOptimizer):
             state["first_moment"], state["basis"] = moment, basis
 
 
+def _graph_hyperparameters(group: dict[str, Any]) -> tuple:
+    """Everything a captured step bakes in from its param group: all hyperparameters but ``lr``."""
+    return tuple(sorted((key, repr(value)) for key, value in group.items() if key not in ("params", "lr")))
+
+
 def _rms(X: torch.Tensor) -> torch.Tensor:
     """Root mean square of each matrix in a stack, shape ``(N,)``."""
     return X.square().flatten(1).mean(dim=1).sqrt()
@@ -528,6 +622,11 @@ class LoRARiteFactory(PairOptimizerFactory):
 
     Set ``TrainingArguments(max_grad_norm=0)``: raw-gradient clipping breaks invariance (a warning says so
     when it is not 0); LoRA-RITE clips its unmagnified gradient itself (``clip_unmagnified_grad``).
+    ``learning_rate``, ``weight_decay`` and the Adam betas come from ``TrainingArguments`` (see
+    :class:`~lorite.optim.PairOptimizerFactory`), but not ``adam_epsilon``: LoRA-RITE's ``eps`` belongs to
+    its variant (0 in the paper's, 1e-6 in the authors' code) and the Trainer's default 1e-8 would silently
+    change both; pass ``eps`` in the kwargs to set it. ``adam_epsilon`` still sets the AdamW fallback's.
     """
 
     optimizer_cls = LoRARite
+    trainer_keywords = ("lr", "weight_decay", "betas", "fallback_betas", "fallback_eps")

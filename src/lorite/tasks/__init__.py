@@ -6,9 +6,10 @@ module                      what it holds
 :mod:`~lorite.tasks.spec`        the one parser of task specs and the loader of what they name
 :mod:`~lorite.tasks.task`        the task model (:class:`Task`, :class:`Example`)
 :mod:`~lorite.tasks.bigbench`    BIG-bench tasks from the ``bigbench`` sdist (a task source)
+:mod:`~lorite.tasks.rows`        rows of your own (JSON Lines, ``datasets``) in TRL's formats (a task source)
 :mod:`~lorite.tasks.splits`      the one train / validation / test split (examples and documents)
 :mod:`~lorite.tasks.encoding`    prompts, token ids, batches, log-probabilities of labelled tokens
-:mod:`~lorite.tasks.evaluation`  metrics: accuracy, exact match, ROUGE-L, perplexity, answer shares
+:mod:`~lorite.tasks.evaluation`  metrics: accuracy, acc_norm, exact match, ROUGE-L, perplexity, answer shares
 :mod:`~lorite.tasks.loading`     a task's data for training and evaluation; held-out and calibration data
 ==========================  ===================================================================
 

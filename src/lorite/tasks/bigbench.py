@@ -2,7 +2,9 @@
 
 The sdist is downloaded once (``pip download --no-deps``; installing it would pull TensorFlow) and
 each ``task.json`` is read with :mod:`tarfile` and cached as JSON, so later loads are offline and fast.
-Any JSON task works by name, subtasks included (``elementary_math_qa/question_only``). A task whose
+Any JSON task works by name, subtasks included (``elementary_math_qa/question_only``); the names are
+shipped with lorite (``bigbench_tasks.txt``, :func:`task_names`), so a misspelt one is refused, with the
+nearest names, before the sdist is downloaded. A task whose
 examples all have ``target_scores`` (choice → score) is multiple choice, its correct choices the
 best-scored ones; otherwise examples carry ``target`` (one string or several references) and the task is
 generation (:mod:`lorite.tasks.task`).
@@ -14,6 +16,8 @@ import difflib
 import json
 import sys
 import tarfile
+from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,12 @@ from .task import DEFAULT_CHOICE_PREFIX, DEFAULT_INPUT_PREFIX, DEFAULT_OUTPUT_PR
 
 SDIST = ("bigbench", "1.0.0")
 _TASKS_ROOT = "bigbench/benchmark_tasks/"
+INDEX_FILE = "bigbench_tasks.txt"  # package data next to this module: every task name of SDIST
+_INDEX_HEADER = f"""\
+# Every JSON task of the {SDIST[0]}=={SDIST[1]} sdist (subtasks included), one name a line: lorite checks
+# task names against this list before it downloads the sdist. Programmatic tasks have no task.json.
+# Written by lorite.tasks.bigbench.write_index() from the sdist; tests/tasks/test_bigbench.py compares.
+"""
 
 
 def parse_task(data: dict[str, Any], name: str) -> Task:
@@ -73,17 +83,37 @@ def _task_file(name: str) -> Path:
     return _cache_folder() / "tasks" / (name.replace("/", "__") + ".json")
 
 
+def _task_members(archive: tarfile.TarFile) -> Iterator[tuple[str, tarfile.TarInfo]]:
+    """``(task name, member)`` of every ``task.json`` in the sdist ``archive``."""
+    for member in archive:
+        path = member.name
+        if _TASKS_ROOT in path and path.endswith("/task.json"):
+            yield path.split(_TASKS_ROOT, 1)[1][: -len("/task.json")], member
+
+
+def sdist_task_names(sdist: Path) -> list[str]:
+    """Every JSON task name in the BIG-bench sdist file ``sdist``, sorted (what :data:`INDEX_FILE` lists)."""
+    with tarfile.open(sdist, "r:gz") as archive:
+        return sorted(name for name, _ in _task_members(archive))
+
+
+def write_index() -> Path:
+    """Write :data:`INDEX_FILE` (next to this module) from the pinned sdist; for maintainers, when
+    :data:`SDIST` changes. Returns its path."""
+    path = Path(__file__).with_name(INDEX_FILE)
+    atomic_write_text(
+        path, _INDEX_HEADER + "".join(f"{name}\n" for name in sdist_task_names(fetch_distribution(*SDIST)))
+    )
+    return path
+
+
 def _extract(names: set[str]) -> dict[str, bool]:
-    """One pass over the sdist: cache the task.json of ``names`` and the index of all task names."""
+    """One pass over the sdist: cache the task.json of ``names`` (and, as before, the sdist's own index)."""
     sdist = fetch_distribution(*SDIST)
     print(f"lorite: reading BIG-bench task files from {sdist.name} (once per task)", file=sys.stderr)
     index, found = [], {}
     with tarfile.open(sdist, "r:gz") as archive:
-        for member in archive:
-            path = member.name
-            if _TASKS_ROOT not in path or not path.endswith("/task.json"):
-                continue
-            task_name = path.split(_TASKS_ROOT, 1)[1][: -len("/task.json")]
+        for task_name, member in _task_members(archive):
             index.append(task_name)
             if task_name in names:
                 handle = archive.extractfile(member)
@@ -94,34 +124,37 @@ def _extract(names: set[str]) -> dict[str, bool]:
 
 
 def task_names() -> list[str]:
-    """Every JSON task in the BIG-bench sdist (programmatic tasks have no task.json and are not listed)."""
-    index = _cache_folder() / "index.json"
-    if not index.exists():
-        _extract(set())
-    return json.loads(index.read_text())
+    """Every JSON task of the pinned BIG-bench sdist, subtasks included (programmatic tasks have no
+    task.json and are not listed): the index shipped with lorite, :data:`INDEX_FILE` — no download."""
+    text = resources.files(__package__).joinpath(INDEX_FILE).read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line and not line.startswith("#")]
 
 
 def _unknown(name: str, names: list[str]) -> LoriteError:
     close = difflib.get_close_matches(name, names, n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     return LoriteError(f"unknown BIG-bench task {name!r}{hint}")
 
 
+def check_names(names: list[str]) -> None:
+    """Raise a :class:`LoriteError` (with the nearest names) for the first name that is no BIG-bench task,
+    from the shipped index: nothing is downloaded. Task files already in the cache count as known."""
+    index = set(task_names())
+    for name in names:
+        if name not in index and not _task_file(name).exists():
+            raise _unknown(name, sorted(index))
+
+
 def load_tasks(names: list[str]) -> dict[str, Task]:
-    """Load several tasks, reading the sdist at most once for all that are not cached yet."""
+    """Load several tasks, reading the sdist at most once for all that are not cached yet (names are
+    checked first, against the shipped index, so a misspelt one downloads nothing)."""
+    check_names(names)
     missing = {n for n in names if not _task_file(n).exists()}
     if missing:
-        index_file = _cache_folder() / "index.json"
-        if index_file.exists():
-            index = json.loads(index_file.read_text())
-            for n in missing:
-                if n not in index:
-                    raise _unknown(n, index)
-        _extract(missing)
-        index = json.loads(index_file.read_text())
-        for n in missing:
-            if n not in index:
-                raise _unknown(n, index)
+        found = _extract(missing)
+        absent = sorted(missing - set(found))
+        if absent:  # the shipped index lists it, the sdist has not: the two disagree
+            raise LoriteError(f"BIG-bench task {absent[0]!r} is not in {SDIST[0]}=={SDIST[1]}'s sdist")
     tasks = {}
     for name in names:
         data = json.loads(_task_file(name).read_text())

@@ -2,9 +2,19 @@
 on) + answer tokens (+ end token) — the padded batches the training loop and the evaluator consume, and
 the log-probabilities of the labelled tokens both score with.
 
-With a tokenizer that has a chat template a prompt is one user turn (task prefix, input, choices) followed
-by the assistant's generation prompt; otherwise BIG-bench's plain format: prefix, input prefix, input,
-choices, output prefix."""
+How a prompt is written depends on the task's ``prompt_format`` (:mod:`lorite.tasks.task`):
+
+* ``"bigbench"``: with a tokenizer that has a chat template a prompt is one user turn (task prefix, input,
+  choices) followed by the assistant's generation prompt; otherwise BIG-bench's plain format: prefix,
+  input prefix, input, choices, output prefix;
+* ``"plain"``: the example's input exactly as given, the answer right after it (TRL's standard
+  prompt/completion: nothing is added between them);
+* ``"chat"``: the example's conversation through the tokenizer's chat template. Training encodes the whole
+  conversation with labels on every assistant turn from ``loss_from`` on (:func:`encode_chat`); the spans
+  are found by rendering each prefix of the conversation (up to the turn's generation prompt, and up to the
+  turn's end) and cutting the full rendering there, so they hold exactly what the template writes for the
+  assistant — its content and its end-of-turn marker — whatever the template. A multiple-choice chat
+  example trains on its correct choice as one more assistant turn."""
 
 from __future__ import annotations
 
@@ -13,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..errors import LoriteError
 from .task import Example, Task
 
 IGNORE = -100  # label of positions that carry no loss
@@ -28,8 +39,40 @@ def user_text(task: Task, example: Example) -> str:
     return f"{prefix}\n\n{text.strip()}" if prefix else text.strip()
 
 
+def require_chat_template(tokenizer, task: str) -> None:
+    """A :class:`LoriteError` unless ``tokenizer`` has a chat template (a chat task needs one)."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise LoriteError(
+            f"task {task!r} is a chat task: the model's tokenizer needs a chat template (it has none); "
+            "give prompt/completion rows for a model without one"
+        )
+
+
+def render_chat(
+    tokenizer, messages: tuple[tuple[str, str], ...], generation_prompt: bool, task: str = ""
+) -> str:
+    """``messages`` (``(role, content)`` pairs) through the tokenizer's chat template, as text; with
+    ``generation_prompt`` followed by what opens an assistant turn."""
+    require_chat_template(tokenizer, task)
+    from jinja2 import TemplateError  # comes with transformers (its chat-template engine)
+
+    conversation = [{"role": role, "content": content} for role, content in messages]
+    try:
+        return tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=generation_prompt
+        )
+    except TemplateError as error:
+        raise LoriteError(
+            f"task {task!r}: the model's chat template refuses a conversation: {error}"
+        ) from error
+
+
 def format_prompt(task: Task, example: Example, tokenizer: Any | None = None) -> str:
     """The prompt whose continuation is the answer (see the module docstring)."""
+    if task.chat:
+        return render_chat(tokenizer, example.context, True, task.name)
+    if task.prompt_format == "plain":
+        return example.input
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": user_text(task, example)}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -63,16 +106,80 @@ def encode(tokenizer, prompt: str, answer: str, max_length: int, end: bool = Tru
 
 def answer_text(task: Task, example: Example, tokenizer) -> str:
     """The answer as the model should write it after :func:`format_prompt` (a space after a plain-text
-    output prefix such as ``"A:"``, nothing after a chat template's assistant turn)."""
+    output prefix such as ``"A:"``, nothing after a chat template's assistant turn; as given for a
+    ``plain`` or ``chat`` task)."""
+    if task.prompt_format != "bigbench":
+        return example.answer
     chat = getattr(tokenizer, "chat_template", None)
     return example.answer if chat or task.output_prefix.endswith((" ", "\n")) else " " + example.answer
 
 
+def choice_text(task: Task, choice: str, tokenizer) -> str:
+    """A choice as it is scored after :func:`format_prompt`: as given for a ``plain`` or ``chat`` task and
+    after a chat template, else after a space (BIG-bench's multiple-choice scoring)."""
+    if task.prompt_format != "bigbench" or getattr(tokenizer, "chat_template", None):
+        return choice
+    return " " + choice
+
+
+def chat_segments(
+    tokenizer, messages: tuple[tuple[str, str], ...], loss_from: int = 0, task: str = ""
+) -> list[tuple[str, bool]]:
+    """The conversation rendered by the chat template, cut into ``(text, trained)`` pieces: ``trained``
+    for what the template writes for each assistant turn from message ``loss_from`` on (between the
+    rendering of the messages before it with the generation prompt, and the rendering up to and with it).
+    A template that renders a turn differently once later turns follow (one that drops earlier reasoning,
+    say) has no such spans: a :class:`LoriteError`."""
+    full = render_chat(tokenizer, messages, False, task)
+    cuts: list[tuple[int, int]] = []
+    for index, (role, _) in enumerate(messages):
+        if role != "assistant" or index < loss_from:
+            continue
+        start = render_chat(tokenizer, messages[:index], True, task)
+        end = render_chat(tokenizer, messages[: index + 1], False, task)
+        if not (full.startswith(start) and full.startswith(end) and len(start) <= len(end)):
+            raise LoriteError(
+                f"task {task!r}: the model's chat template renders message {index} (an assistant turn) "
+                "differently once later turns follow; its tokens cannot be found for the loss"
+            )
+        cuts.append((len(start), len(end)))
+    pieces, position = [], 0
+    for start, end in cuts:
+        pieces += [(full[position:start], False), (full[start:end], True)]
+        position = end
+    pieces.append((full[position:], False))
+    return [(text, trained) for text, trained in pieces if text]
+
+
+def encode_chat(
+    tokenizer, messages: tuple[tuple[str, str], ...], loss_from: int, max_length: int, task: str = ""
+) -> Encoded:
+    """Tokens of the rendered conversation, labels on the assistant turns from ``loss_from`` on
+    (:func:`chat_segments`; each piece tokenized on its own, as :func:`encode` tokenizes prompt and
+    answer). Too long: the conversation loses tokens from its start."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, trained in chat_segments(tokenizer, messages, loss_from, task):
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if trained else [IGNORE] * len(piece)
+    return Encoded(ids[-max_length:], labels[-max_length:])
+
+
+def encode_example(task: Task, example: Example, tokenizer, max_length: int) -> Encoded:
+    """The training encoding of one example: prompt without loss, answer with loss (see the module
+    docstring)."""
+    if task.chat:
+        if example.is_multiple_choice:  # the correct choice as the assistant's answer
+            messages = (*example.messages, ("assistant", example.answer))
+            return encode_chat(tokenizer, messages, len(example.messages), max_length, task.name)
+        return encode_chat(tokenizer, example.messages, example.loss_from, max_length, task.name)
+    prompt = format_prompt(task, example, tokenizer)
+    return encode(tokenizer, prompt, answer_text(task, example, tokenizer), max_length)
+
+
 def encode_examples(task: Task, examples: list[Example], tokenizer, max_length: int) -> list[Encoded]:
-    return [
-        encode(tokenizer, format_prompt(task, ex, tokenizer), answer_text(task, ex, tokenizer), max_length)
-        for ex in examples
-    ]
+    return [encode_example(task, ex, tokenizer, max_length) for ex in examples]
 
 
 def collate(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

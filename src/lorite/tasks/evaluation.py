@@ -1,6 +1,8 @@
-"""Evaluation: multiple choice by per-choice log-likelihood (accuracy), generation by normalised exact
-match and ROUGE-L, language modelling by perplexity. Batched, under ``torch.no_grad``, in eval mode,
-in a fixed order: the same model and examples always give the same numbers."""
+"""Evaluation: multiple choice by per-choice log-likelihood (``accuracy``, and ``acc_norm`` with the
+log-likelihood per character of the choice, as lm-eval-harness), generation by normalised exact match and
+ROUGE-L of greedy answers and by the perplexity of the reference answers, language modelling by
+perplexity. Batched, under ``torch.no_grad``, in eval mode, in a fixed order: the same model and examples
+always give the same numbers."""
 
 from __future__ import annotations
 
@@ -12,7 +14,16 @@ from collections.abc import Iterable
 
 import torch
 
-from .encoding import IGNORE, Encoded, collate, encode, format_prompt, target_log_probs
+from .encoding import (
+    IGNORE,
+    Encoded,
+    choice_text,
+    collate,
+    encode,
+    encode_examples,
+    format_prompt,
+    target_log_probs,
+)
 from .task import Example, Task
 
 
@@ -66,6 +77,15 @@ def accuracy_from_scores(scores: list[list[float]], correct: list[tuple[int, ...
     return sum(hits) / len(hits)
 
 
+def length_normalized(scores: list[list[float]], examples: list[Example]) -> list[list[float]]:
+    """Each choice's log-likelihood over the number of characters of the choice (lm-eval-harness's
+    ``acc_norm``: long choices are not penalised for their length)."""
+    return [
+        [score / max(1, len(choice)) for score, choice in zip(row, ex.choices)]
+        for row, ex in zip(scores, examples)
+    ]
+
+
 def answer_shares(answers: list[str], top: int = 5) -> dict[str, float]:
     """The ``top`` most frequent answers (normalised) and the fraction of examples giving each: shows a model
     that collapsed onto one answer (multirc's "No.") or leans on an answer prior (strategyqa's Yes/No)."""
@@ -107,7 +127,7 @@ def choice_log_likelihoods(
     for index, ex in enumerate(examples):
         prompt = format_prompt(task, ex, tokenizer)
         for choice in ex.choices:
-            answer = choice if getattr(tokenizer, "chat_template", None) else " " + choice
+            answer = choice_text(task, choice, tokenizer)
             items.append((index, encode(tokenizer, prompt, answer, max_length, end=False)))
     # longest first: batches of similar length, and a memory peak found at once
     order = sorted(range(len(items)), key=lambda i: -len(items[i][1].input_ids))
@@ -167,19 +187,45 @@ def generate_answers(
     return answers
 
 
+@torch.no_grad()
+def answer_perplexity(
+    model, tokenizer, task: Task, examples: list[Example], batch_size: int = 16, max_length: int = 512
+) -> float:
+    """``exp`` of the mean negative log-likelihood per answer token, the answer tokens being those training
+    puts the loss on (:func:`lorite.tasks.encoding.encode_examples`: the first reference and its end
+    token; every assistant turn of a chat example): the exponential of the validation loss."""
+    model.eval()
+    device = _device(model)
+    encoded = encode_examples(task, examples, tokenizer, max_length)
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].input_ids))
+    total, count = 0.0, 0
+    for chunk in _batches(order, batch_size):
+        batch = {
+            k: v.to(device) for k, v in collate([encoded[i] for i in chunk], tokenizer.pad_token_id).items()
+        }
+        with _autocast(device):
+            log_probs, _ = target_log_probs(model, batch)
+        total += float(-log_probs.double().sum())
+        count += log_probs.numel()
+    return math.exp(total / count)
+
+
 def evaluate_task(
     model, tokenizer, task: Task, examples: list[Example], batch_size: int = 16, progress=False
 ) -> dict:
-    """Task metrics: ``accuracy`` for multiple choice; ``exact_match`` and ``rouge_l`` for generation.
-    ``score`` is the one used to pick learning rates (accuracy, or ROUGE-L)."""
+    """Task metrics: ``accuracy`` and ``acc_norm`` for multiple choice; ``exact_match``, ``rouge_l`` and
+    the references' ``perplexity`` for generation. ``score`` is the one used to pick learning rates
+    (accuracy, or ROUGE-L)."""
     if not examples:
         return {}
     if task.kind == "multiple_choice":
         scores = choice_log_likelihoods(model, tokenizer, task, examples, batch_size, progress=progress)
-        accuracy = accuracy_from_scores(scores, [ex.correct for ex in examples])
+        correct = [ex.correct for ex in examples]
+        accuracy = accuracy_from_scores(scores, correct)
         chosen = [ex.choices[i] for ex, i in zip(examples, predicted_choices(scores))]
         return {
             "accuracy": accuracy,
+            "acc_norm": accuracy_from_scores(length_normalized(scores, examples), correct),
             "score": accuracy,
             "n": len(examples),
             "answer_shares": answer_shares(chosen),
@@ -194,9 +240,10 @@ def evaluate_task(
     )
     em = sum(exact_match(a, ex.targets) for a, ex in zip(answers, examples)) / len(examples)
     rouge = sum(rouge_l(a, ex.targets) for a, ex in zip(answers, examples)) / len(examples)
+    ppl = answer_perplexity(model, tokenizer, task, examples, batch_size)
     return {
-        "exact_match": em, "rouge_l": rouge, "score": rouge, "n": len(examples), "samples": answers[:5],
-        "answer_shares": answer_shares(answers),
+        "exact_match": em, "rouge_l": rouge, "perplexity": ppl, "score": rouge, "n": len(examples),
+        "samples": answers[:5], "answer_shares": answer_shares(answers),
     }  # fmt: skip
 
 
@@ -219,11 +266,13 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
 __all__ = [
     "IGNORE",
     "accuracy_from_scores",
+    "answer_perplexity",
     "answer_shares",
     "choice_log_likelihoods",
     "evaluate_task",
     "exact_match",
     "generate_answers",
+    "length_normalized",
     "normalize_answer",
     "perplexity",
     "predicted_choices",

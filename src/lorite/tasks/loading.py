@@ -1,8 +1,9 @@
 """A task's data as the training loop and the evaluator consume it, and the evaluation of one split.
 
-* BIG-bench tasks and ``file:`` tasks: the examples split by :func:`lorite.tasks.splits.split_examples`;
-  training examples are encoded (prompt tokens without loss, answer tokens with loss), validation and test
-  stay examples, scored by :func:`lorite.tasks.evaluation.evaluate_task`.
+* tasks of examples (BIG-bench, ``file:``, ``jsonl:``, ``hf:``): the examples split by
+  :func:`lorite.tasks.splits.split_examples`; training examples are encoded (prompt tokens without loss,
+  answer tokens — a chat example's assistant turns — with loss), validation and test stay examples, scored
+  by :func:`lorite.tasks.evaluation.evaluate_task`.
 * ``corpus:NAME``: the documents split by :func:`lorite.tasks.splits.split_documents`, each split packed
   into blocks of ``min(max_length, 512)`` tokens; validation and test are scored by perplexity.
 
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from ..data.blocks import pack_blocks, tokenize_documents
-from .encoding import collate, encode_examples
+from .encoding import collate, encode_examples, require_chat_template
 from .evaluation import evaluate_task, perplexity
 from .spec import TaskSpec, load_documents, load_task, parse_task_spec
 from .splits import split_documents, split_examples
@@ -64,6 +65,8 @@ def load_task_data(
         train = blocks(splits.train) if encode_train else torch.zeros((0, block), dtype=torch.long)
         return TaskData("language_model", train, blocks(splits.validation), blocks(splits.test))
     task = load_task(spec)
+    if task.chat:  # before anything is trained: the evaluation needs the template too
+        require_chat_template(tokenizer, task.name)
     examples = split_examples(task, split_seed, n_validation, n_test)
     train = encode_examples(task, examples.train, tokenizer, max_length) if encode_train else []
     return TaskData(task.kind, train, examples.validation, examples.test, task)

@@ -2,6 +2,12 @@
 every RNG state, the step and the data position — written to a temporary directory and renamed into
 place, so a crash mid-write leaves the previous checkpoint intact.
 
+``RUN/checkpoint/`` is always the newest. With ``keep_last=N`` ≥ 2 the checkpoint it replaces is first
+renamed (one rename) to ``RUN/checkpoint-<its step>/``, and once the new one is in place the oldest of
+those beyond the newest N - 1 are removed; with N = 1 (the default) only ``RUN/checkpoint/`` exists. Each
+kept checkpoint is complete: put one at ``RUN/checkpoint/`` to resume from it (a crash between the two
+renames leaves no ``checkpoint/``, and the previous checkpoint whole as ``checkpoint-<step>/``).
+
 Under ``torchrun`` / ``accelerate launch`` (a ``world`` with more than one rank) the trainable weights and
 the optimizer state go through ``torch.distributed.checkpoint`` instead (``dcp/``: each rank writes its
 shards — FSDP2's DTensor factors and moments — and replicated DDP state is written once). Rank 0 writes
@@ -11,6 +17,8 @@ reads back its own part. Such a checkpoint resumes under the same engine and num
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +27,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from ..cache import atomic_directory, remove_tree, replace_directory, temporary_sibling
+from ..cache import remove_tree, replace_directory, temporary_sibling
 from ..errors import LoriteError
 from ..runtime import CHECKPOINT_DIR, World, rng_state, set_rng_state
 
@@ -27,6 +35,42 @@ from ..runtime import CHECKPOINT_DIR, World, rng_state, set_rng_state
 def trainable_state_dict(model) -> dict[str, torch.Tensor]:
     """Every trainable tensor of ``model`` by name (the LoRA factors, DoRA magnitudes, saved modules…)."""
     return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+_KEPT = re.compile(re.escape(CHECKPOINT_DIR) + r"-(\d+)")  # checkpoint-<step>
+
+
+def kept_checkpoints(run_dir: Path) -> list[Path]:
+    """The older checkpoints that ``keep_last`` keeps (``run_dir/checkpoint-<step>``), oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _KEPT.fullmatch(p.name)) and p.is_dir()]
+    return [path for _, path in sorted(found)]
+
+
+def _saved_step(folder: Path) -> int | None:
+    try:
+        return int(json.loads((folder / "train_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _place(tmp: Path, target: Path, keep_last: int) -> None:
+    """Put the finished checkpoint ``tmp`` at ``target``; with ``keep_last`` ≥ 2 the one it replaces becomes
+    ``checkpoint-<its step>`` (one rename) and the kept ones beyond ``keep_last - 1`` are removed after."""
+    step = _saved_step(target) if keep_last > 1 and target.exists() else None
+    if step is None or step == _saved_step(tmp):  # nothing to keep (or the same step written again)
+        replace_directory(tmp, target)
+    else:
+        kept = target.with_name(f"{target.name}-{step}")
+        if kept.exists():  # a step written again after a resume: the newer write wins
+            remove_tree(kept)
+        os.replace(target, kept)
+        os.replace(tmp, target)
+    older = kept_checkpoints(target.parent)
+    for path in older[: max(0, len(older) - (keep_last - 1))]:
+        remove_tree(path)
 
 
 def save_checkpoint(
@@ -37,16 +81,21 @@ def save_checkpoint(
     train_state: dict[str, Any],
     extra_state: dict | None = None,
     world: World | None = None,
+    keep_last: int = 1,
 ) -> Path:
-    """Write ``run_dir/checkpoint`` atomically and return it. ``extra_state`` (tensors and plain Python,
+    """Write ``run_dir/checkpoint`` atomically and return it, keeping the ``keep_last - 1`` before it as
+    ``run_dir/checkpoint-<step>`` (see the module docstring). ``extra_state`` (tensors and plain Python,
     e.g. a data sampler's ``state_dict()``) is saved next to the optimizer's. With an active ``world``
     (:class:`lorite.runtime.World`) every rank must call it (see the module docstring)."""
     from safetensors.torch import save_file  # optional dependency (lorite[peft])
 
+    if keep_last < 1:
+        raise LoriteError(f"--keep-last must be >= 1, got {keep_last}")
     if world is not None and world.active:
-        return _save_distributed(Path(run_dir), model, optimizer, scheduler, train_state, world)
+        return _save_distributed(Path(run_dir), model, optimizer, scheduler, train_state, world, keep_last)
     target = Path(run_dir) / CHECKPOINT_DIR
-    with atomic_directory(target) as tmp:
+    tmp = temporary_sibling(target)
+    try:
         save_file(trainable_state_dict(model), str(tmp / "trainable.safetensors"))
         torch.save(
             {
@@ -58,6 +107,10 @@ def save_checkpoint(
             tmp / "training_state.pt",
         )
         (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1))
+        _place(tmp, target, keep_last)
+    finally:
+        if tmp.exists():
+            remove_tree(tmp)
     return target
 
 
@@ -105,7 +158,9 @@ def load_checkpoint(
 
 
 # ------------------------------------------------------------------ several ranks
-def _save_distributed(run_dir: Path, model, optimizer, scheduler, train_state: dict, world: World) -> Path:
+def _save_distributed(
+    run_dir: Path, model, optimizer, scheduler, train_state: dict, world: World, keep_last: int
+) -> Path:
     target = run_dir / CHECKPOINT_DIR
     name = [None]
     if world.is_main:
@@ -122,7 +177,7 @@ def _save_distributed(run_dir: Path, model, optimizer, scheduler, train_state: d
             (tmp / "train_state.json").write_text(
                 json.dumps({**train_state, "world_size": world.size}, indent=1)
             )
-            replace_directory(tmp, target)
+            _place(tmp, target, keep_last)
     finally:
         dist.barrier()  # nobody goes on (or reads the checkpoint) before rank 0 has renamed it
         if world.is_main and tmp.exists():

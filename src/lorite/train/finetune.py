@@ -21,8 +21,8 @@ import torch
 
 from ..cache import atomic_write_text
 from ..errors import LoriteError
-from ..models import load_causal_lm
-from ..optim import create
+from ..models import DTYPE_CHOICES, load_causal_lm
+from ..optim import create, default_lr
 from ..runtime import (
     ENGINES,
     World,
@@ -40,6 +40,7 @@ from ..tasks.encoding import collate, lm_loss
 from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .methods import get_method
+from .run_log import RunLog, check_report_to, gradient_norm
 
 SNAPSHOT_DIR = "snapshots"  # save_every: snapshots/step_000050/{adapter,model}
 
@@ -51,9 +52,9 @@ class FinetuneConfig:
     task: (
         str  # a task spec (lorite.tasks.spec): a BIG-bench name, "file:PATH/task.json", "corpus:shakespeare"
     )
-    model: str | None = None  # default SmolLM2-135M-Instruct; a .gguf file or a model directory
+    model: str | None = None  # default SmolLM2-135M-Instruct; a .gguf file, a model dir, a hub id owner/name
     optimizer: str = "lora_rite"
-    lr: float = 1e-3
+    lr: float | None = None  # None: the optimizer's own default (lorite.optim.default_lr)
     optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
     method: str = "lora"
     rank: int = 16
@@ -75,8 +76,11 @@ class FinetuneConfig:
     eval_every: int = 0  # validation every N steps (0: only at the end)
     eval_batch_size: int = 32
     checkpoint_every: int = 0
+    keep_last: int = 1  # checkpoints kept: checkpoint/ and keep_last - 1 checkpoint-<step>/ (checkpoint.py)
     device: str = "auto"
-    bf16: bool = True  # autocast to bf16 on CUDA (weights stay fp32)
+    bf16: bool = True  # autocast to bf16 on CUDA
+    dtype: str = "auto"  # the base weights: fp32, bf16, fp16 or auto (see base_dtype); LoRA factors stay fp32
+    load_in_4bit: bool = False  # the base's linear layers in 4-bit NF4 (bitsandbytes, CUDA; --method lora)
     skip_test: bool = False  # compare evaluates test only at the chosen learning rates
     parallel: str = "none"  # under torchrun / accelerate launch: "ddp" or "fsdp2" (see lorite.runtime)
     gradient_checkpointing: bool = False  # recompute layer activations in backward (less memory, slower)
@@ -84,6 +88,7 @@ class FinetuneConfig:
         0  # also save the method's weights to snapshots/step_N every N steps (forgetting curves)
     )
     method_args: dict[str, Any] = field(default_factory=dict)  # the method's own options (--method-args)
+    report_to: str = "none"  # also write the run log's scalars to: tensorboard (RUN/tensorboard/)
 
     def validate(self) -> None:
         if self.rank < 1:
@@ -92,14 +97,24 @@ class FinetuneConfig:
             raise LoriteError("--steps, --batch-size and --grad-accum must be >= 1")
         if self.save_every < 0:
             raise LoriteError(f"--save-every must be >= 0, got {self.save_every}")
-        if not (self.lr >= 0 and math.isfinite(self.lr)):
+        if self.keep_last < 1:
+            raise LoriteError(f"--keep-last must be >= 1, got {self.keep_last}")
+        if self.lr is not None and not (self.lr >= 0 and math.isfinite(self.lr)):
             raise LoriteError(f"--lr must be a non-negative number, got {self.lr}")
         check_schedule(self.schedule)
         if not (self.init_scale > 0 and math.isfinite(self.init_scale)):
             raise LoriteError(f"init_scale must be a positive number, got {self.init_scale}")
         get_method(self.method)
+        check_report_to(self.report_to)
         if self.parallel not in ENGINES:
             raise LoriteError(f"--parallel must be one of {', '.join(ENGINES)}, got {self.parallel!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise LoriteError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
+        if self.load_in_4bit and (self.method != "lora" or self.parallel == "fsdp2"):
+            raise LoriteError(
+                f"--load-in-4bit trains LoRA on a frozen 4-bit base (QLoRA): it needs --method lora and no "
+                f"fsdp2, got --method {self.method} --parallel {self.parallel}"
+            )
 
 
 # ------------------------------------------------------------------------------------------- pieces
@@ -133,6 +148,16 @@ def data_for(config: FinetuneConfig, tokenizer, encode_train: bool = True) -> Ta
     )  # fmt: skip
 
 
+def base_dtype(config: FinetuneConfig, device: torch.device) -> str:
+    """The dtype the base weights load in: ``config.dtype``, with ``"auto"`` made concrete — bf16 for
+    ``--method lora`` on CUDA with bf16 autocast on (the frozen base is only read; the fp32 LoRA factors
+    train), fp32 otherwise: ``full``, ``loldu`` and ``lq_lora`` train or decompose the base weights, which
+    stay fp32 master weights unless ``--dtype`` asks for less."""
+    if config.dtype != "auto":
+        return config.dtype
+    return "bf16" if config.method == "lora" and config.bf16 and device.type == "cuda" else "fp32"
+
+
 def evaluate(model, tokenizer, data: TaskData, split: str, config: FinetuneConfig, progress: bool) -> dict:
     """:func:`lorite.tasks.evaluate_split` at ``config.eval_batch_size``."""
     return evaluate_split(model, tokenizer, data, split, config.eval_batch_size, progress=progress)
@@ -143,15 +168,18 @@ def evaluate_model(config: FinetuneConfig, adapter: str | Path | None = None, pr
     LoRA adapter folder, e.g. a run's ``adapter/``). The task, its splits and the evaluation settings
     (``n_validation``, ``n_test``, ``split_seed``, ``max_length``, ``eval_batch_size``, ``device``) come from
     ``config``; a run evaluated with its own config gives its ``metrics.json`` numbers again."""
-    model, tokenizer = load_causal_lm(config.model)
+    device = pick_device(config.device)
+    model, tokenizer = load_causal_lm(
+        config.model, base_dtype(config, device), device, load_in_4bit=config.load_in_4bit
+    )
     if adapter is not None:
         adapter = Path(adapter)
         if not (adapter / "adapter_config.json").is_file():
             raise LoriteError(f"{str(adapter)!r} holds no peft adapter (no adapter_config.json)")
         from peft import PeftModel  # optional dependency (lorite[peft])
 
-        model = PeftModel.from_pretrained(model, str(adapter), autocast_adapter_dtype=False)
-    model.to(pick_device(config.device))
+        model = PeftModel.from_pretrained(model, str(adapter))  # fp32 factors on a bf16/fp16 base, as trained
+    model.to(device)
     data = data_for(config, tokenizer, encode_train=False)
     return {
         split: evaluate(model, tokenizer, data, split, config, progress) for split in ("validation", "test")
@@ -178,12 +206,15 @@ def finetune(
     progress: bool = True,
     stop_after: int | None = None,
 ) -> dict:
-    """Train, evaluate and (with ``out``) save ``adapter/``, ``metrics.json`` and checkpoints.
+    """Train, evaluate and (with ``out``) save ``adapter/``, ``metrics.json``, checkpoints and ``log.jsonl``
+    (a line per step and per evaluation, written as the run goes: :mod:`lorite.train.run_log`).
 
     ``stop_after`` ends the session after that many steps (the last checkpoint stays for ``resume``), as
     an interrupted job would; the run's schedule still spans ``config.steps``.
     """
     config.validate()
+    if config.lr is None:  # the optimizer's own default rate, recorded in metrics.json
+        config = replace(config, lr=default_lr(config.optimizer))
     run_began = time.perf_counter()
     out = Path(out) if out is not None else None
     if out is not None:
@@ -195,7 +226,9 @@ def finetune(
         raise LoriteError(f"--parallel fsdp2 supports --method lora only, got {config.method!r} (use ddp)")
     seed_everything(config.seed)
 
-    model, tokenizer = load_causal_lm(config.model)
+    model, tokenizer = load_causal_lm(  # on the CPU unless 4-bit: methods prepare it there (lq_lora moves it)
+        config.model, base_dtype(config, device), device if config.load_in_4bit else None, config.load_in_4bit
+    )
     method = get_method(config.method)
     model = method.prepare(model, config).to(device)
     if config.gradient_checkpointing:  # non-reentrant: works with a frozen base (LoRA) as well
@@ -205,7 +238,12 @@ def finetune(
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = distributed.wrap(model, config.parallel, world)  # before the optimizer: it must see DTensors
     data = data_for(config, tokenizer)
-    optimizer = create(config.optimizer, distributed.unwrap(model), lr=config.lr, **config.optimizer_kwargs)
+    try:
+        optimizer = create(
+            config.optimizer, distributed.unwrap(model), lr=config.lr, **config.optimizer_kwargs
+        )
+    except (TypeError, ValueError) as error:  # unknown or invalid --optimizer-args
+        raise LoriteError(f"optimizer {config.optimizer!r}: {error}") from error
     warmup = config.warmup_steps if config.warmup_steps is not None else max(1, config.steps // 10)
     scheduler = lr_scheduler(optimizer, config.steps, warmup, config.schedule)
 
@@ -229,6 +267,8 @@ def finetune(
     use_bf16 = config.bf16 and device.type == "cuda"
     n_train = data.n_train
     step_times = []
+    # RUN/log.jsonl (rank 0); closed at the two returns below, and its lines are whole if neither is reached
+    log = RunLog(out, start_step if resume else None, config.report_to, world.is_main)
     bar = range(start_step, config.steps)
     if progress:
         from tqdm.auto import tqdm  # optional dependency (lorite[all])
@@ -238,10 +278,13 @@ def finetune(
         model.train()
         began = time.perf_counter()
         total = 0.0
+        tokens = 0  # non-pad tokens of this rank's micro-batches
         for micro in range(config.grad_accum):
             indices = batch_indices(n_train, config.batch_size, config.seed, step, micro, config.grad_accum)
             indices = distributed.shard(indices, world)  # the global micro-batch, split across ranks
-            batch = {k: v.to(device) for k, v in make_batch(data, indices, tokenizer.pad_token_id).items()}
+            batch = make_batch(data, indices, tokenizer.pad_token_id)
+            tokens += int(batch["attention_mask"].sum())
+            batch = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 if world.active:
                     loss = distributed.distributed_lm_loss(model, batch, world) / config.grad_accum
@@ -250,14 +293,16 @@ def finetune(
             loss.backward()
             total += float(loss.detach())
         total = mean_over_ranks(total, world)
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(
-                [p for p in model.parameters() if p.requires_grad], config.max_grad_norm
-            )
+        tokens = round(mean_over_ranks(tokens, world) * world.size)
+        # the pre-clip norm (clipped when max_grad_norm > 0); every rank joins (a collective under FSDP2)
+        norm = gradient_norm((p for p in model.parameters() if p.requires_grad), config.max_grad_norm)
+        lrs = [group["lr"] for group in optimizer.param_groups]  # what this step uses
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        norm = float(norm)  # (synchronises the device: the step's time is complete)
         step_times.append(time.perf_counter() - began)
+        log.step(step + 1, total, lrs, norm, tokens, step_times[-1])
         history["loss"].append(total)
         if progress:
             bar.set_postfix(loss=f"{total:.4f}")
@@ -272,17 +317,22 @@ def finetune(
                     **_scalars(evaluate_split("validation", False)),
                 }
             )
+            log.evaluation(done, "validation", history["validation"][-1])
         if out is not None and config.save_every and done % config.save_every == 0 and done < config.steps:
             save_trained(model, method, world, out / SNAPSHOT_DIR / f"step_{done:06d}")
         if out is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
             train_state = {"step": done, "history": history, "config": asdict(config)}
-            save_checkpoint(out, model, optimizer, scheduler, train_state, world=world)
+            save_checkpoint(
+                out, model, optimizer, scheduler, train_state, world=world, keep_last=config.keep_last
+            )
         if stop_after is not None and done >= stop_after:
+            log.close()
             return {"config": asdict(config), "history": history, "stopped_at": done}
 
     diverged = "diverged_at" in history
     results: dict[str, Any] = {"config": asdict(config), "history": history, "diverged": diverged}
     results["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    results["base_dtype"] = "nf4" if config.load_in_4bit else base_dtype(config, device)
     timed = step_times[min(5, len(step_times) // 2) :] or step_times
     results["seconds_per_step"] = sorted(timed)[len(timed) // 2] if timed else None
     if diverged:
@@ -290,8 +340,11 @@ def finetune(
     else:
         results["validation"] = evaluate_split("validation", progress)
         history["validation"].append({"step": config.steps, **_scalars(results["validation"])})
+        log.evaluation(config.steps, "validation", results["validation"])
         if not config.skip_test:
             results["test"] = evaluate_split("test", progress)
+            log.evaluation(config.steps, "test", results["test"])
+    log.close()
     results["world_size"] = world.size
     results["seconds_evaluating"] = evaluating
     results["seconds_total"] = time.perf_counter() - run_began  # this session's, from loading to evaluation

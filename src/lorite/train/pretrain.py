@@ -13,8 +13,9 @@ Validation perplexity is measured on held-out *documents*, per corpus and for th
 
 A run directory holds ``config.json``, ``metrics.json`` (rewritten atomically at every evaluation, so an
 interrupted run still leaves its curve), ``checkpoint/`` (model, optimizer, scheduler, sampler and RNG
-state, written atomically) and, at the end, ``model/`` (``save_pretrained``). Resuming from a checkpoint
-continues exactly as the uninterrupted run would have.
+state, written atomically), ``log.jsonl`` (a line per step and per evaluation: :mod:`lorite.train.run_log`)
+and, at the end, ``model/`` (``save_pretrained``). Resuming from a checkpoint continues exactly as the
+uninterrupted run would have.
 
 Under ``torchrun`` (or a process group the caller initialised), :func:`lorite.runtime.setup` joins the group,
 the model is wrapped in DDP (:func:`lorite.train.distributed.wrap`), each rank draws its own shard of every
@@ -53,12 +54,21 @@ from ..runtime import (
 )
 from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
+from .run_log import RunLog, check_report_to, gradient_norm
 
 ENGLISH_CORPORA = ("shakespeare", "bible", "austen", "webster")
 DEFAULT_CORPORA = (*ENGLISH_CORPORA, "cpython")
 DEFAULT_CORPUS_CAPS = {"webster": 4_000_000}
 # settings that may change when a run is resumed (they do not change what is computed)
-RESUMABLE_CHANGES = ("progress", "time_limit", "checkpoint_every", "device", "log_every")
+RESUMABLE_CHANGES = (
+    "progress",
+    "time_limit",
+    "checkpoint_every",
+    "keep_last",
+    "device",
+    "log_every",
+    "report_to",
+)
 
 
 @dataclass
@@ -86,6 +96,7 @@ class PretrainConfig:
     device: str = "auto"
     bf16: bool = True  # autocast to bf16 on CUDA
     checkpoint_every: int = 0  # optimizer steps; 0: only when stopped early
+    keep_last: int = 1  # checkpoints kept: checkpoint/ and keep_last - 1 checkpoint-<step>/ (checkpoint.py)
     corpora: list[str] = field(default_factory=lambda: list(DEFAULT_CORPORA))  # built into the cache
     train_corpora: list[str] | None = None  # the subset trained on (None: all); all are evaluated
     data: str | None = None  # an existing token cache directory (then ``corpora`` must be in it)
@@ -95,6 +106,7 @@ class PretrainConfig:
     time_limit: float | None = None  # seconds of training; then checkpoint, final evaluation, stop
     log_every: int = 10
     progress: bool = False  # tqdm progress bar
+    report_to: str = "none"  # also write the run log's scalars to: tensorboard (RUN/tensorboard/)
 
     def validate(self) -> None:
         if self.size not in LLAMA_SIZES:
@@ -108,6 +120,8 @@ class PretrainConfig:
         check_schedule(self.schedule)
         if self.eval_every < 0 or self.checkpoint_every < 0 or self.grad_clip < 0:
             raise LoriteError("--eval-every, --checkpoint-every and --grad-clip must be >= 0")
+        if self.keep_last < 1:
+            raise LoriteError(f"--keep-last must be >= 1, got {self.keep_last}")
         if self.eval_blocks is not None and self.eval_blocks < 1:
             raise LoriteError(f"eval_blocks must be >= 1 or None, got {self.eval_blocks}")
         if not self.corpora:
@@ -122,6 +136,7 @@ class PretrainConfig:
             raise LoriteError(f"unknown sampler {self.sampler!r}; available: {', '.join(SAMPLERS)}")
         if self.optimizer not in REGISTRY:
             raise LoriteError(f"unknown optimizer {self.optimizer!r}; available: {', '.join(REGISTRY)}")
+        check_report_to(self.report_to)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> PretrainConfig:
@@ -328,6 +343,9 @@ def pretrain(
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.json", json.dumps(asdict(config), indent=1))
 
+    # RUN/log.jsonl (rank 0); closed at the two returns below, and its lines are whole if neither is reached
+    log = RunLog(out, start_step if resume else None, config.report_to, is_main)
+
     def write_metrics() -> None:
         if is_main:
             atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
@@ -335,13 +353,15 @@ def pretrain(
     def checkpoint(step: int) -> None:
         if is_main:
             train_state = {"step": step, "metrics": metrics, "config": asdict(config)}
+            sampler_state = {"sampler": sampler.state_dict()}
             save_checkpoint(
-                out, raw_model, optimizer, scheduler, train_state, {"sampler": sampler.state_dict()}
+                out, raw_model, optimizer, scheduler, train_state, sampler_state, keep_last=config.keep_last
             )
 
     def record_validation(step: int, max_blocks) -> dict:
         result = evaluate(raw_model, validation, weights, config, world, max_blocks)
         metrics["validation"].append({"step": step, "tokens": step * tokens_per_step, **result})
+        log.evaluation(step, "validation", metrics["validation"][-1])
         write_metrics()
         return result
 
@@ -361,6 +381,7 @@ def pretrain(
     stopped = None
     step = start_step
     for step in range(start_step, total_steps):
+        step_began = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         for micro in range(config.grad_accum):
             ids = sampler.next_indices()
@@ -372,19 +393,20 @@ def pretrain(
                 (per_block.mean() / config.grad_accum).backward()
             sampler.observe(ids, per_block.detach().cpu())
             loss_sum += per_block.detach().mean() / config.grad_accum
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip)
+        norm = gradient_norm(raw_model.parameters(), config.grad_clip)  # before clipping (if grad_clip > 0)
+        lrs = [group["lr"] for group in optimizer.param_groups]  # what this step uses
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         interval_steps += 1
+        if world.active:
+            dist.all_reduce(loss_sum)
+            loss_sum /= world.size
+        loss, norm = float(loss_sum), float(norm)  # (synchronises the device: the step's timing is complete)
+        log.step(done, loss, lrs, norm, tokens_per_step, time.perf_counter() - step_began)
 
         if done % config.log_every == 0 or done == total_steps:
-            if world.active:
-                dist.all_reduce(loss_sum)
-                loss_sum /= world.size
-            loss = float(loss_sum)  # (synchronises the device: the interval's timing is complete)
             seconds = time.perf_counter() - interval_start
             if done > start_step + interval_steps:  # the first interval includes warm-up costs: skip it
                 train_seconds, timed_steps = train_seconds + seconds, timed_steps + interval_steps
@@ -413,6 +435,7 @@ def pretrain(
             write_metrics()
             if bar is not None:
                 bar.close()
+            log.close()
             return {**metrics, "stopped_at": done}
         if (
             config.time_limit is not None
@@ -433,6 +456,8 @@ def pretrain(
     if stopped != "diverged":
         metrics["final"].update(evaluate(raw_model, validation, weights, config, world, None))
         metrics["validation"].append({"step": done, "tokens": done * tokens_per_step, **metrics["final"]})
+        log.evaluation(done, "validation", metrics["validation"][-1])
+    log.close()
     if timed_steps:
         metrics["seconds_per_step"] = train_seconds / timed_steps
         metrics["tokens_per_second"] = timed_steps * tokens_per_step / train_seconds
