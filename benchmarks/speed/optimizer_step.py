@@ -153,7 +153,8 @@ def make_optimizer(name: str, model):
         from pytorch_optimizer import LoRARite as Theirs
 
         return Theirs([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    return lo.create(name, model, lr=1e-4)
+    base, graphed = name.removesuffix("+graph"), name.endswith("+graph")
+    return lo.create(base, model, lr=1e-4, **({"cuda_graph": True} if graphed else {}))
 
 
 def whole_step_ms(names: list[str], config_name: str, rank: int, device, steps: int, warmup: int, batch, seq):
@@ -197,6 +198,8 @@ def main() -> None:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     names = ["adamw", "lora_rite", "lora_rite_reference", "lora_plus", "scaled_adam", "shampoo", "lamb"]
+    if device.type == "cuda":  # the step captured in a CUDA graph (LoRARite(cuda_graph=True))
+        names[3:3] = ["lora_rite+graph", "lora_rite_reference+graph"]
     try:
         import pytorch_optimizer  # noqa: F401
 

@@ -10,6 +10,11 @@ multiply-adds per entry).
 Jacobi's method converges quadratically; ``sweeps`` full sweeps of ``n − 1`` rounds reach fp32
 roundoff for ``n ≤ 64`` (the tests hold it to ``torch.linalg.eigh``). Matrices are zero-padded to a power
 of two ≥ 16 (``tl.dot``'s minimum); padding never mixes with the real block because their couplings are 0.
+
+Up to 32 × 32 the matrix lives in the program's registers. Above, registers spill, so a second kernel keeps
+the matrix and its eigenvectors in global memory (L1/L2-resident at these sizes) and applies each round as
+row then column rotations of the round's ``n/2`` pairs, separated by CTA barriers. Timings against the rank
+are in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -92,9 +97,95 @@ if triton is not None:
         tl.store(values_ptr + matrix * size + rows, values, mask=rows < size)
         tl.store(vectors_ptr + offsets, E, mask=inside)
 
+    @triton.jit
+    def _jacobi_scratch_kernel(
+        a_ptr, e_ptr, p_ptr, q_ptr, N: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr,
+        SWEEPS: tl.constexpr,
+    ):  # fmt: skip
+        """The same cyclic Jacobi for ``N > 32``, on the matrix in global memory (L1/L2-resident: 16 KB at
+        64 × 64) instead of registers, which spill above 32 × 32. Each round reads the ``HALF`` pairs'
+        entries, then rotates the pairs' rows (``A ← JᵀA``), then their columns (``A ← AJ``, ``E ← EJ``),
+        in column/row chunks of ``BLOCK``; a CTA barrier separates the phases (rows and columns of
+        different pairs overlap)."""
+        base = tl.program_id(0).to(tl.int64) * N * N
+        a = a_ptr + base
+        e = e_ptr + base
+        pairs = tl.arange(0, HALF)
+        chunk = tl.arange(0, BLOCK)
+        for _sweep in range(SWEEPS):
+            for k in range(N - 1):
+                p = tl.load(p_ptr + k * HALF + pairs)
+                q = tl.load(q_ptr + k * HALF + pairs)
+                a_pp = tl.load(a + p * N + p)
+                a_qq = tl.load(a + q * N + q)
+                # both off-diagonal entries, averaged (roundoff leaves A slightly asymmetric)
+                coupling = 0.5 * (tl.load(a + p * N + q) + tl.load(a + q * N + p))
+                safe = tl.where(coupling == 0.0, 1.0, coupling)
+                tau = (a_qq - a_pp) / (2.0 * safe)
+                sign = tl.where(tau >= 0.0, 1.0, -1.0)
+                t = sign / (tl.abs(tau) + tl.sqrt(1.0 + tau * tau))
+                t = tl.where(coupling == 0.0, 0.0, t)
+                c = 1.0 / tl.sqrt(1.0 + t * t)
+                s = t * c
+                tl.debug_barrier()  # every thread has read the round's entries before any is rotated
+                for start in range(0, N, BLOCK):  # rows p, q:  JᵀA
+                    columns = start + chunk
+                    row_p = a + p[:, None] * N + columns[None, :]
+                    row_q = a + q[:, None] * N + columns[None, :]
+                    A_p = tl.load(row_p)
+                    A_q = tl.load(row_q)
+                    tl.store(row_p, c[:, None] * A_p - s[:, None] * A_q)
+                    tl.store(row_q, s[:, None] * A_p + c[:, None] * A_q)
+                tl.debug_barrier()
+                for start in range(0, N, BLOCK):  # columns p, q:  AJ and EJ
+                    rows = start + chunk
+                    column_p = rows[:, None] * N + p[None, :]
+                    column_q = rows[:, None] * N + q[None, :]
+                    A_p = tl.load(a + column_p)
+                    A_q = tl.load(a + column_q)
+                    tl.store(a + column_p, c[None, :] * A_p - s[None, :] * A_q)
+                    tl.store(a + column_q, s[None, :] * A_p + c[None, :] * A_q)
+                    E_p = tl.load(e + column_p)
+                    E_q = tl.load(e + column_q)
+                    tl.store(e + column_p, c[None, :] * E_p - s[None, :] * E_q)
+                    tl.store(e + column_q, s[None, :] * E_p + c[None, :] * E_q)
+                tl.debug_barrier()
+
+
+REGISTER_KERNEL_UP_TO = 32
+"""Padded sizes up to this run the register kernel; larger ones the global-memory (scratch) kernel."""
+
 
 def _sweeps(n: int) -> int:
-    return 8 if n <= 16 else 10 if n <= 32 else 12
+    return 8 if n <= 16 else 10 if n <= 32 else 12 if n <= 64 else 14
+
+
+@functools.cache
+def _pairs_by_round(n: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(p, q)``, each ``(n − 1, n/2)``: the disjoint pairs ``p < q`` of every round (round robin)."""
+    partner = _round_robin(n, "cpu").long()
+    index = torch.arange(n)
+    p = torch.stack([index[index < row] for row in partner])
+    q = torch.stack([row[index < row] for row in partner])
+    return p.to(torch.int32).to(device), q.to(torch.int32).to(device)
+
+
+def _scratch_jacobi(A: torch.Tensor, sweeps: int | None, num_warps: int | None):
+    batch, size = A.shape[0], A.shape[-1]
+    n = 1 << (size - 1).bit_length()
+    # padded with zeros: a padded coordinate has no coupling, so its rotations are the identity and
+    # the real block's eigenpairs are the leading ones
+    work = torch.zeros(batch, n, n, dtype=A.dtype, device=A.device)
+    work[:, :size, :size] = A
+    vectors = torch.eye(n, dtype=A.dtype, device=A.device).expand(batch, n, n).contiguous()
+    if batch:
+        p, q = _pairs_by_round(n, str(A.device))
+        _jacobi_scratch_kernel[(batch,)](
+            work, vectors, p, q, N=n, HALF=n // 2, BLOCK=min(n, 32), SWEEPS=sweeps or _sweeps(n),
+            num_warps=num_warps or (4 if n <= 64 else 8),
+        )  # fmt: skip
+    values = work.diagonal(dim1=-2, dim2=-1)[:, :size].contiguous()
+    return values, vectors[:, :size, :size].contiguous()
 
 
 def _warps(n: int) -> int:
@@ -115,6 +206,8 @@ def jacobi_eigh(
         raise TypeError(f"jacobi_eigh works in float32, got {A.dtype}")
     batch, size = A.shape[0], A.shape[-1]
     n = max(16, 1 << (size - 1).bit_length())
+    if n > REGISTER_KERNEL_UP_TO:
+        return _scratch_jacobi(A, sweeps, num_warps)
     A = A.contiguous()
     values = torch.empty(batch, size, dtype=A.dtype, device=A.device)
     vectors = torch.empty_like(A)

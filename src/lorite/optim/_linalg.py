@@ -2,8 +2,8 @@
 
 Every function takes stacks of small matrices (``(N, r, r)``) so that one library call serves all LoRA
 pairs of equal rank, and works in the dtype it is given — callers promote to at least float32 first,
-because CUDA's ``qr``/``eigh``/``svd`` reject bf16/fp16. Nothing here reads tensor values on the host,
-except the eigendecompositions of CUDA matrices larger than 32 × 32 (see :func:`eigh_small`).
+because CUDA's ``qr``/``eigh``/``svd`` reject bf16/fp16. Nothing here reads tensor values on the host
+(on CUDA with Triton; see :func:`eigh_small`).
 """
 
 from __future__ import annotations
@@ -63,19 +63,11 @@ def triangular_inverse(R: torch.Tensor, full_rank: torch.Tensor) -> torch.Tensor
     return masked(full_rank, torch.linalg.solve_triangular(safe, eye, upper=True), 0.0)
 
 
-HOST_EIGH_ABOVE = 32
-"""CUDA stacks of matrices larger than this are decomposed by LAPACK on the host (see :func:`eigh_small`)."""
-
-
 def _eigh_route(V: torch.Tensor) -> str:
-    """Which solver :func:`eigh_small` uses for ``V``: ``"jacobi"``, ``"host"`` or ``"torch"``."""
+    """Which solver :func:`eigh_small` uses for ``V``: ``"jacobi"`` or ``"torch"``."""
     from . import _jacobi  # lazy: _jacobi imports Triton where it is installed (slow to import)
 
-    if not V.is_cuda:
-        return "torch"
-    if V.shape[-1] > HOST_EIGH_ABOVE and not torch.cuda.is_current_stream_capturing():
-        return "host"
-    if V.dtype == torch.float32 and _jacobi.available():
+    if V.is_cuda and V.dtype == torch.float32 and _jacobi.available():
         return "jacobi"
     return "torch"
 
@@ -84,37 +76,29 @@ def eigh_small(V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues and eigenvectors of a stack of small symmetric matrices.
 
     - CPU: ``torch.linalg.eigh`` (LAPACK).
-    - CUDA, ``r ≤ 32`` (``HOST_EIGH_ABOVE``), fp32: lorite's Triton Jacobi kernel, which never
-      synchronises with the host (``torch.linalg.eigh`` there checks cuSOLVER's status with ``.item()``).
-    - CUDA, ``r > 32``: copied to the host and decomposed by LAPACK — one synchronisation, but at these
-      sizes the Jacobi kernel spills registers and cuSOLVER loops over per-matrix ``syevd`` calls, both
-      far slower than the host (measured in benchmarks/RESULTS.md). While a CUDA graph is being captured
-      the Jacobi kernel is used instead.
+    - CUDA, fp32, at every size: lorite's Triton Jacobi kernels (:mod:`lorite.optim._jacobi`), which never
+      synchronise with the host (``torch.linalg.eigh`` there checks cuSOLVER's status with ``.item()``)
+      and so can be captured in a CUDA graph. Up to 32 × 32 the matrix is held in registers; above, in
+      global memory, where it stays L1/L2-resident (the register version spills there, and cuSOLVER
+      loops over per-matrix ``syevd`` calls; measured in benchmarks/RESULTS.md).
     - Otherwise (fp64 on CUDA, no Triton): ``torch.linalg.eigh``.
 
     Eigenvalues are not sorted on the Triton path; sort them where order matters.
     """
-    route = _eigh_route(V)
-    if route == "jacobi":
+    if _eigh_route(V) == "jacobi":
         from . import _jacobi  # lazy: _jacobi imports Triton where it is installed (slow to import)
 
         return _jacobi.jacobi_eigh(V)
-    if route == "host":
-        values, vectors = torch.linalg.eigh(V.cpu())
-        return values.to(V.device), vectors.to(V.device)
     return torch.linalg.eigh(V)
 
 
 def eigvalsh_small(V: torch.Tensor) -> torch.Tensor:
     """Eigenvalues (unsorted on the Jacobi path) of a stack of small symmetric matrices; routes as
     :func:`eigh_small`."""
-    route = _eigh_route(V)
-    if route == "jacobi":
+    if _eigh_route(V) == "jacobi":
         from . import _jacobi  # lazy: _jacobi imports Triton where it is installed (slow to import)
 
         return _jacobi.jacobi_eigh(V)[0]
-    if route == "host":
-        return torch.linalg.eigvalsh(V.cpu()).to(V.device)
     return torch.linalg.eigvalsh(V)
 
 

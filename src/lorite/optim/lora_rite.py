@@ -177,9 +177,11 @@ class LoRARite(PairOptimizer):
     rates into the graph's static inputs (so ``zero_grad(set_to_none=True)``, lr schedules and
     gradient accumulation work as usual) and launches one graph. It is captured again when the
     parameters move in memory, the set of pairs with gradients changes, the state is loaded, or a
-    hyperparameter other than ``lr`` changes. The step can also be captured from outside, in a graph of
-    the whole training step, with a device-tensor ``lr`` updated in place, as torch's ``capturable``
-    optimizers do (``tests/gpu``). The fallback AdamW group steps eagerly.
+    hyperparameter other than ``lr`` changes; replays are bit-identical to eager steps
+    (``benchmarks/speed/graph_check.py``). A device-tensor ``lr`` updated in place, as torch's
+    ``capturable`` optimizers take it, reaches the step without a host read, so the step can also be
+    captured from outside (``tests/gpu``). The fallback AdamW group steps eagerly. The graph keeps the
+    step's temporaries in its own memory pool.
 
     Rank guard (not in the paper): a factor whose Cholesky fails or whose ``R`` is rank deficient is
     treated like ``B = 0``: ``R⁺ = 0``, so its partner does not move that step. Deficient means
