@@ -151,7 +151,8 @@ def test_evaluate_gives_a_runs_own_numbers_again_and_the_base_model_zero_shot(ca
     for extra, message in [
         (["--run", str(out), "--out", str(tmp_path / "again.json")], "already exists"),
         (["--run", str(tmp_path)], "no metrics.json there"),
-        (["--run", str(out), "--task", "x"], "leave out --task and --config"),
+        (["--run", str(out), "--config", "x.json"], "leave out --config"),
+        (["--run", str(out), "--task", "x"], "unknown BIG-bench task 'x'"),  # another task: names checked
         ([], "--task is required"),
     ]:
         code, err = run(capsys, ["evaluate", *extra])
@@ -251,8 +252,12 @@ def test_a_diverged_run_writes_its_metrics_and_exits_1(capsys, files, tmp_path):
             "out of memory",
         ),
         (RuntimeError("NCCL error\n  in all_reduce"), "lorite finetune: error: NCCL error in all_reduce"),
+        (
+            OSError(28, "No space left on device", "run/checkpoint/training_state.pt"),
+            "No space left on device (run/checkpoint/training_state.pt); what was saved before is intact",
+        ),
     ],
-    ids=["out-of-memory", "runtime-error"],
+    ids=["out-of-memory", "runtime-error", "disk-full"],
 )
 def test_run_time_failures_are_one_line_and_exit_code_1(capsys, files, tmp_path, monkeypatch, error, message):
     from lorite.commands import finetune as command

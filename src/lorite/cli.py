@@ -5,8 +5,9 @@ Every failure is one line on stderr, never a traceback, and nothing half-written
 
 * 0 — done;
 * 2 — bad usage or input (an argparse usage error, a :class:`~lorite.errors.LoriteError`);
-* 1 — a failure at run time: out of memory, a run that diverged (its metrics are written first), any other
-  ``RuntimeError`` while training (``LORITE_TRACEBACK=1`` re-raises it, with its traceback);
+* 1 — a failure at run time: a damaged artefact (a :class:`~lorite.errors.DamagedArtifact`, e.g. a
+  checkpoint whose files do not match its manifest), out of memory, a run that diverged (its metrics are
+  written first), any other ``RuntimeError`` while training (``LORITE_TRACEBACK=1`` re-raises it, with its traceback);
 * 130 — interrupted (Ctrl-C).
 """
 
@@ -20,7 +21,7 @@ import torch
 from . import __version__
 from .commands import COMMANDS
 from .commands._options import Parser
-from .errors import LoriteError
+from .errors import DamagedArtifact, LoriteError
 
 # torch >= 2.5 names it at the top level; before, only under torch.cuda (both are RuntimeErrors)
 OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -49,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     prefix = f"lorite {args.command}: error:"
     try:
         args.func(args)
+    except (
+        DamagedArtifact
+    ) as error:  # a saved artefact (a checkpoint) that cannot be used: a run-time failure
+        print(f"{prefix} {one_line(error)}", file=sys.stderr)
+        return 1
     except LoriteError as error:
         print(f"{prefix} {one_line(error)}", file=sys.stderr)
         return 2
@@ -63,6 +69,17 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("LORITE_TRACEBACK") == "1":
             raise
         print(f"{prefix} {one_line(error)}", file=sys.stderr)
+        return 1
+    except (
+        OSError
+    ) as error:  # the disk is full, a file vanished, no permission: the previous checkpoint stays
+        if os.environ.get("LORITE_TRACEBACK") == "1":
+            raise
+        where = f" ({error.filename})" if error.filename else ""
+        print(
+            f"{prefix} {error.strerror or one_line(error)}{where}; what was saved before is intact",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print(f"lorite {args.command}: interrupted", file=sys.stderr)

@@ -13,18 +13,23 @@ writes), and two runs that differ only in the entry point use the same schedule.
 * **Schedule** (:func:`lr_factor`): linear warmup ``(t + 1)/warmup`` to the peak, then cosine or linear
   decay from 1 to ``min_ratio`` at ``total_steps``, or constant.
 * **Output directories** (:func:`check_output_dir`): a directory that already holds a run is refused
-  unless the run is resumed, and resuming needs a checkpoint there.
+  unless the run is resumed, and resuming needs a checkpoint there. :func:`run_lock` keeps a second
+  lorite process off a directory that one is writing (``RUN/.lorite.lock``).
 * **Seeding** (:func:`seed_everything`, :func:`seeded`, :func:`rng_state`): the global RNGs for a run, a
   fork of them for code that must not disturb the caller's stream, and the state a checkpoint keeps.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
+import socket
+import sys
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -243,6 +248,133 @@ def require_new_output(out: str | Path, option: str = "--out") -> None:
         raise LoriteError(
             f"{option} {str(out)!r} already exists and holds files; choose a new directory (nothing is overwritten)"
         )
+
+
+# ------------------------------------------------------------------------------------------- run locks
+LOCK_FILE = ".lorite.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _read_lock(path: Path) -> dict | None:
+    """The holder recorded in a lock file; None when it cannot be read (being written, or damaged)."""
+    try:
+        holder = json.loads(path.read_text())
+        int(holder["pid"])
+        return holder if isinstance(holder.get("host"), str) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _create_lock(path: Path, holder: dict) -> bool:
+    """Create ``path`` holding ``holder``, only if it does not exist (``O_CREAT | O_EXCL``)."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as handle:
+        handle.write(json.dumps(holder))
+    return True
+
+
+def _in_use(out: Path, holder: dict | None, option: str) -> LoriteError:
+    if holder is None:
+        who = f"its lock {out / LOCK_FILE} is unreadable"
+    else:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("started", 0))))
+        where = "" if holder["host"] == socket.gethostname() else f" on {holder['host']}"
+        who = f"pid {holder['pid']}{where}, started {started}"
+    return LoriteError(
+        f"{out} is in use by another lorite process ({who}); wait for it or choose another {option} "
+        f"(if no lorite process uses it any more, delete {out / LOCK_FILE})"
+    )
+
+
+def acquire_run_lock(out: str | Path, option: str = "--out") -> Path:
+    """Take ``out/.lorite.lock`` for this process (creating ``out``) and return its path.
+
+    The lock holds this process's pid, host name and start time. A lock that exists refuses the run with
+    a :class:`LoriteError` (exit 2), unless it is **stale**: written on this host by a process that is
+    gone (``os.kill(pid, 0)`` finds none; a run killed by SIGKILL or a lost node leaves one) — then it is
+    taken over, with a note on stderr. A lock of another host cannot be checked and always refuses. Two
+    processes taking over the same stale lock at once are serialised by a short-lived ``.takeover`` file.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LoriteError(f"{option} {str(out)!r} is a file; give a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_FILE
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+    for _ in range(50):
+        if _create_lock(path, holder):
+            return path
+        found = _read_lock(path)
+        if found is None:  # being written this instant, or damaged: look again, then judge by its age
+            time.sleep(0.05)
+            found = _read_lock(path)
+            try:
+                age = time.time() - path.stat().st_mtime
+            except FileNotFoundError:
+                continue  # released meanwhile
+            if found is None and age < 10:
+                raise _in_use(out, None, option)
+        if found is not None and (found["host"] != socket.gethostname() or _pid_alive(int(found["pid"]))):
+            raise _in_use(out, found, option)
+        # stale: take it over, one taker at a time (a second one waits and then finds a live lock)
+        mutex = out / f"{LOCK_FILE}.takeover"
+        try:
+            os.close(os.open(mutex, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            try:
+                if time.time() - mutex.stat().st_mtime > 30:  # left by a taker that died
+                    mutex.unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
+            time.sleep(0.1)
+            continue
+        try:
+            if _read_lock(path) == found:  # still the stale lock we judged
+                path.unlink(missing_ok=True)
+                what = "unreadable" if found is None else f"pid {found['pid']} is gone"
+                print(f"lorite: note: taking over the stale lock {path} ({what})", file=sys.stderr)
+        finally:
+            mutex.unlink(missing_ok=True)
+    raise _in_use(out, _read_lock(path), option)
+
+
+def release_run_lock(path: Path, remove_empty_dir: bool = False) -> None:
+    """Remove a lock taken by :func:`acquire_run_lock`, if it is still this process's; with
+    ``remove_empty_dir``, then the run directory too when the lock was all it held."""
+    holder = _read_lock(path)
+    if holder is not None and int(holder["pid"]) == os.getpid() and holder["host"] == socket.gethostname():
+        path.unlink(missing_ok=True)
+        if remove_empty_dir:
+            with suppress(OSError):
+                path.parent.rmdir()  # only when empty
+
+
+@contextmanager
+def run_lock(out: str | Path | None, option: str = "--out") -> Iterator[Path | None]:
+    """Hold ``out/.lorite.lock`` for the body (see :func:`acquire_run_lock`); released when the body ends,
+    normally or by an exception. Under a multi-process launch only rank 0 (``RANK``) locks: the other
+    ranks write nothing of their own, and torchrun stops them when rank 0 exits. ``out`` None: no lock."""
+    if out is None or int(os.environ.get("RANK", "0")) != 0:
+        yield None
+        return
+    created = not Path(out).exists()
+    path = acquire_run_lock(out, option)
+    try:
+        yield path
+    finally:  # a directory made for the lock and left empty (a run refused on bad input) goes too
+        release_run_lock(path, remove_empty_dir=created)
 
 
 # ------------------------------------------------------------------------------------------- seeding

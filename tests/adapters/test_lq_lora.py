@@ -302,3 +302,98 @@ def test_single_format_needs_no_costs_but_checks_the_budget():
     assert set(plan.allocation.choice) == {0} and all(c == [0.0] for c in plan.costs)
     with pytest.raises(ValueError, match="below the smallest possible storage"):
         plan_allocation(weights, LQLoRAConfig(budget=3.0, rank=2, grid="nf3-b32-s8x256-fp32"), progress=False)
+
+
+# ------------------------------------------------------------------------------------------ damaged folders
+
+
+@pytest.fixture(scope="module")
+def saved_folder(tmp_path_factory):
+    _, model, _, _ = quantized_tiny(budget=2.5)
+    return save_lq_lora(model, tmp_path_factory.mktemp("lq") / "saved")
+
+
+def _damaged_copy(saved, tmp_path, damage):
+    import shutil
+
+    copy_ = tmp_path / "copy"
+    shutil.copytree(saved, copy_)
+    damage(copy_)
+    return copy_
+
+
+def _truncate(file, keep=0.5):
+    data = file.read_bytes()
+    file.write_bytes(data[: int(len(data) * keep)])
+
+
+def _drop_a_layer(folder):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(folder / "quantized.safetensors"))
+    name = next(k for k in tensors if k.endswith(".codes"))
+    save_file({k: v for k, v in tensors.items() if k != name}, str(folder / "quantized.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda f: (f / "lq_lora.json").write_text('{"format": "lorite-lq'), r"lq_lora.json does not parse"),
+        (
+            lambda f: (f / "lq_lora.json").write_text(json.dumps({"format": "lorite-lq-lora/1"})),
+            r"lq_lora.json lists no quantized layers",
+        ),
+        (lambda f: _truncate(f / "quantized.safetensors"), r"quantized.safetensors does not load \(.*header"),
+        (lambda f: (f / "quantized.safetensors").unlink(), r"quantized.safetensors is missing"),
+        (_drop_a_layer, r"quantized.safetensors does not hold layer '.*' \(.*lacks \['codes'\]"),
+        (
+            lambda f: _truncate(f / "adapter" / "adapter_model.safetensors"),
+            r"adapter_model.safetensors does not",
+        ),
+        (
+            lambda f: (f / "adapter" / "adapter_config.json").write_text("{"),
+            r"adapter_config.json does not parse",
+        ),
+    ],
+)
+def test_a_damaged_saved_folder_names_the_file_and_says_to_quantize_again(
+    saved_folder, tmp_path, damage, message
+):
+    from lorite.errors import DamagedArtifact
+
+    folder = _damaged_copy(saved_folder, tmp_path, damage)
+    with pytest.raises(DamagedArtifact, match=message) as caught:
+        attach_lq_lora(tiny_llama(seed=0, hidden=64), folder)
+    text = str(caught.value)
+    assert f"saved LQ-LoRA model: {folder}" in text and "quantize the model again (lorite quantize)" in text
+
+
+def test_not_a_saved_folder_stays_bad_input(tmp_path, saved_folder):
+    from lorite.errors import DamagedArtifact
+
+    with pytest.raises(ValueError, match="is not a saved LQ-LoRA model") as caught:
+        attach_lq_lora(tiny_llama(seed=0, hidden=64), tmp_path)
+    assert not isinstance(caught.value, DamagedArtifact)
+    other = _damaged_copy(
+        saved_folder, tmp_path, lambda f: (f / "lq_lora.json").write_text('{"format": "x/9"}')
+    )
+    with pytest.raises(ValueError, match="unknown format 'x/9'") as caught:
+        attach_lq_lora(tiny_llama(seed=0, hidden=64), other)
+    assert not isinstance(caught.value, DamagedArtifact)
+
+
+def test_cli_finetune_on_a_damaged_quantized_folder_is_one_line_and_exit_1(saved_folder, tmp_path, capsys):
+    from helpers import tiny_model_dir, write_task
+    from lorite.cli import main
+
+    folder = _damaged_copy(saved_folder, tmp_path, lambda f: _truncate(f / "lq_lora.json"))
+    task, model = write_task(tmp_path / "task" / "task.json"), tiny_model_dir(tmp_path / "model")
+    capsys.readouterr()  # writing the model shows a progress bar
+    argv = ["finetune", "--task", f"file:{task}", "--model", str(model),
+            "--method", "lq_lora", "--method-args", json.dumps({"quantized": str(folder)}), "--rank", "4",
+            "--steps", "1", "--out", str(tmp_path / "run")]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("lorite finetune: error:")]  # (and transformers' bars)
+    assert len(errors) == 1 and f"{folder / 'lq_lora.json'} does not parse" in errors[0], err
+    assert not (tmp_path / "run").exists()

@@ -156,3 +156,67 @@ def test_make_sampler_rejects_bad_input():
         make_sampler("random", n_blocks=4, batch_size=2, total_steps=1, keep=0.5)
     with pytest.raises(ValueError, match="rank"):
         make_sampler("random", n_blocks=4, batch_size=2, total_steps=1, rank=2, world_size=2)
+
+
+def _copy_cache(cache, tmp_path):
+    import shutil
+
+    copy = tmp_path / cache.name
+    shutil.copytree(cache, copy)
+    return copy
+
+
+def test_a_damaged_token_cache_is_named_and_to_be_deleted(cache, tmp_path):
+    from lorite.errors import DamagedArtifact
+
+    truncated = _copy_cache(cache, tmp_path / "a")
+    data = truncated / "train.bin"
+    size = data.stat().st_size
+    data.write_bytes(data.read_bytes()[: size - 10])
+    with pytest.raises(DamagedArtifact) as caught:
+        TokenBlocks(truncated, "validation")  # any split: the cache is checked as a whole
+    message = str(caught.value)
+    assert f"token cache {data} holds {size - 10} bytes, meta.json says {size} (truncated)" in message
+    assert f"delete {truncated}" in message
+    bad_meta = _copy_cache(cache, tmp_path / "b")
+    (bad_meta / "meta.json").write_text('{"block_length": 32, "spl')
+    with pytest.raises(DamagedArtifact, match=r"meta.json does not parse"):
+        TokenBlocks(bad_meta)
+    (bad_meta / "meta.json").write_text('{"block_length": 32}')
+    with pytest.raises(DamagedArtifact, match=r"not a token cache's meta.json \(bad or missing field"):
+        TokenBlocks(bad_meta)
+    missing = _copy_cache(cache, tmp_path / "c")
+    (missing / "validation.bin").unlink()
+    with pytest.raises(DamagedArtifact, match=r"validation.bin is missing"):
+        TokenBlocks(missing)
+
+
+def test_build_token_cache_rebuilds_a_damaged_cache_and_says_so(tokenizer, tmp_path, capsys):
+    root = tmp_path / "tokens"
+    built = build_token_cache(["prose", "code"], tokenizer, 32, documents=synthetic_corpora(), root=root)
+    whole = {split: (built / f"{split}.bin").read_bytes() for split in ("train", "validation")}
+    (built / "train.bin").write_bytes(whole["train"][:100])  # a copy cut short
+    again = build_token_cache(["prose", "code"], tokenizer, 32, documents=synthetic_corpora(), root=root)
+    assert again == built
+    assert f"lorite: token cache {built / 'train.bin'} holds 100 bytes" in capsys.readouterr().err
+    assert {split: (built / f"{split}.bin").read_bytes() for split in whole} == whole
+    assert len(TokenBlocks(built, "train")) == len(whole["train"]) // (2 * 32)
+    assert sorted(p.name for p in root.iterdir()) == [built.name], "no temporary folder is left"
+    build_token_cache(["prose", "code"], tokenizer, 32, documents=synthetic_corpora(), root=root)
+    assert capsys.readouterr().err == "", "a whole cache is used as it is"
+
+
+def test_pretrain_on_a_damaged_data_cache_is_one_line_and_exit_1(cache, tmp_path, capsys):
+    from lorite.cli import main
+
+    damaged = _copy_cache(cache, tmp_path)
+    (damaged / "validation.bin").write_bytes(b"")
+    argv = ["pretrain", "--tokens", "1000", "--data", str(damaged), "--block-length", "32",
+            "--corpora", "prose,code", "--device", "cpu", "--out", str(tmp_path / "run")]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert (
+        f"token cache {damaged / 'validation.bin'} holds 0 bytes" in err[0] and f"delete {damaged}" in err[0]
+    )
+    assert not (tmp_path / "run").exists(), "nothing is left of the refused run"

@@ -140,3 +140,22 @@ def test_distributed_checkpoints_keep_the_same_way(tmp_path):
     for name in ("checkpoint", "checkpoint-3"):
         assert (out / name / "dcp").is_dir()
         assert json.loads((out / name / "train_state.json").read_text())["world_size"] == 2
+
+
+def test_a_killed_writes_temporaries_go_at_the_next_checkpoint(tmp_path):
+    """SIGKILL during a checkpoint write leaves ``.checkpoint.tmp-…``; the next save removes it (the run
+    lock makes the saving process the run's only writer)."""
+    import torch
+
+    from lorite.train.checkpoint import save_checkpoint
+
+    stale = tmp_path / ".checkpoint.tmp-dead"
+    (stale / "half").mkdir(parents=True)
+    (tmp_path / ".checkpoint.old-123").mkdir()
+    weight = torch.nn.Parameter(torch.ones(2))
+    model = torch.nn.Module()
+    model.weight = weight
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    save_checkpoint(tmp_path, model, optimizer, scheduler, {"step": 1, "history": {}})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]

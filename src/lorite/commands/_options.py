@@ -13,6 +13,7 @@ from ..models import DTYPE_CHOICES
 from ..optim import available
 from ..runtime import ENGINES, SCHEDULES
 from ..tasks import check_task_specs
+from ..tasks.mixture import DEFAULT_MAX_EXAMPLES_PER_TASK
 from ..train.finetune import FinetuneConfig
 from ..train.methods import METHODS
 from ..train.run_log import REPORT_TO
@@ -44,6 +45,22 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=512, help="tokens per example at most")
     parser.add_argument("--n-validation", type=int, default=200, help="validation examples held out")
     parser.add_argument("--n-test", type=int, default=400, help="test examples held out")
+    parser.add_argument(
+        "--max-examples-per-task",
+        type=int,
+        default=DEFAULT_MAX_EXAMPLES_PER_TASK,
+        metavar="N",
+        help="a task mixture (--task 'A+B', 'natural_instructions/*'): each member trains on at most N "
+        "of its training examples (single tasks: unused)",
+    )
+    parser.add_argument(
+        "--mixture-temperature",
+        type=float,
+        default=1.0,
+        metavar="T",
+        help="a task mixture draws member i with p ∝ n_i^(1/T), n_i its capped size: 1 proportional, "
+        "inf uniform over the tasks",
+    )
     parser.add_argument("--eval-every", type=int, default=0, help="validation every N steps (0: at the end)")
     parser.add_argument("--eval-batch-size", type=int, default=32, help="examples per evaluation batch")
     parser.add_argument("--device", default="auto", help="auto (CUDA if there is one), cpu, cuda, cuda:1, …")
@@ -144,6 +161,7 @@ def training_config(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         warmup_steps=args.warmup_steps, schedule=args.schedule, max_grad_norm=args.max_grad_norm,
         seed=seed, n_validation=args.n_validation, n_test=args.n_test, max_length=args.max_length,
+        max_examples_per_task=args.max_examples_per_task, mixture_temperature=args.mixture_temperature,
         eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
         checkpoint_every=getattr(args, "checkpoint_every", 0), keep_last=getattr(args, "keep_last", 1),
         device=args.device, parallel=args.parallel,

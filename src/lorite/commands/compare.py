@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..cache import atomic_write_text
 from ..errors import LoriteError
+from ..runtime import run_lock
 from ..train.compare import (
     compare,
     compare_finished_tasks,
@@ -52,18 +53,21 @@ def run(args: argparse.Namespace) -> None:
         if args.report:
             write_finished_report(tasks, optimizers, grids, seeds, out, base, widen, Path(args.report))
         return
-    prepare_output(out)
-    results = compare(
-        tasks,
-        optimizers,
-        grids,
-        seeds,
-        base,
-        out,
-        jobs=args.jobs,
-        zero_shot=not args.no_zero_shot,
-        widen=widen,
-    )
+    # one lorite process per comparison: the lock is the comparison folder's; its runs (subfolders,
+    # trained in this process or in workers) take none of their own
+    with run_lock(out):
+        prepare_output(out)
+        results = compare(
+            tasks,
+            optimizers,
+            grids,
+            seeds,
+            base,
+            out,
+            jobs=args.jobs,
+            zero_shot=not args.no_zero_shot,
+            widen=widen,
+        )
     print_table(results)
     print(f"\nreport: {out / 'report.md'}   results: {out / 'results.json'}   plots: {out}/*.png")
     unusable = [

@@ -1,5 +1,7 @@
 """``lorite evaluate``: validation and test metrics of the base model on a task (zero-shot), or of a
-finetune run's adapter on its own task and settings."""
+finetune run's adapter on its own task and settings — or, with ``--task``, on another task or mixture
+(transfer: ``lorite evaluate --run RUN --task "A+B"`` scores the adapter on tasks it never trained on, with
+the run's split and evaluation settings)."""
 
 from __future__ import annotations
 
@@ -26,10 +28,10 @@ def run(args: argparse.Namespace) -> None:
     }
     adapter = None
     if args.run:
-        if args.task or args.config:
-            raise LoriteError(
-                "--run evaluates a run on its own task and settings: leave out --task and --config"
-            )
+        if args.config:
+            raise LoriteError("--run evaluates a run with its own settings: leave out --config")
+        if args.task:  # another task or mixture than the run's (transfer); fail fast on its names
+            check_names([args.task], [])
         run_dir = Path(args.run)
         metrics_file = run_dir / "metrics.json"
         if not metrics_file.is_file():
@@ -45,6 +47,8 @@ def run(args: argparse.Namespace) -> None:
                 f"--run {str(run_dir)!r}: method {config.method!r}; only LoRA adapters are evaluated"
             )
         adapter = run_dir / "adapter"
+        if args.task:
+            config = replace(config, task=args.task)
     else:
         if not args.task:
             raise LoriteError("--task is required (or --run DIR)")
@@ -65,9 +69,16 @@ def add_parser(sub) -> None:
     parser = sub.add_parser(
         "evaluate", help="validation and test metrics: the base model zero-shot, or a finetune run's adapter"
     )
-    parser.add_argument("--task", default=None, help="a task: evaluates the base model (zero-shot)")
     parser.add_argument(
-        "--run", default=None, help="a lorite finetune run: its adapter, on its task and settings"
+        "--task",
+        default=None,
+        help="a task or mixture (A+B, natural_instructions/*): the base model zero-shot, or --run's adapter",
+    )
+    parser.add_argument(
+        "--run",
+        default=None,
+        help="a lorite finetune run: its adapter, on its task and settings (with --task: on that task or "
+        "mixture instead, e.g. held-out tasks)",
     )
     parser.add_argument(
         "--config", default=None, help="with --task: a comparison config's evaluation settings"

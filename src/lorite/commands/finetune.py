@@ -19,7 +19,8 @@ from typing import Any
 
 from ..errors import LoriteError
 from ..optim import available
-from ..runtime import CHECKPOINT_DIR, check_output_dir
+from ..runtime import check_output_dir, run_lock
+from ..train.checkpoint import saved_train_state
 from ..train.finetune import FinetuneConfig, finetune
 from ._options import RunFailed, add_keep_last, add_training_args, check_names, training_config
 
@@ -91,8 +92,9 @@ def run(args: argparse.Namespace) -> None:
             )
         out = Path(args.resume)
         check_output_dir(out, resume=True)
-        state = out / CHECKPOINT_DIR / "train_state.json"
-        config = FinetuneConfig(**json.loads(state.read_text())["config"])  # the run's own settings
+        # the run's own settings, from the checkpoint the resume continues (checked: a damaged one is a
+        # DamagedArtifact, exit 1, or an older kept one is used)
+        config = FinetuneConfig(**saved_train_state(out)["config"])
     else:
         out = Path(args.out)
         check_output_dir(out, resume=False)
@@ -100,7 +102,8 @@ def run(args: argparse.Namespace) -> None:
         check_names([config.task], [config.optimizer])
     if args.stop_after is not None and args.stop_after < 1:
         raise LoriteError(f"--stop-after must be a positive number of steps, got {args.stop_after}")
-    results = finetune(config, out=out, resume=args.resume is not None, stop_after=args.stop_after)
+    with run_lock(out, "--resume" if args.resume is not None else "--out"):  # one process per run dir
+        results = finetune(config, out=out, resume=args.resume is not None, stop_after=args.stop_after)
     summary = {"lr": results["config"]["lr"]}
     summary.update(
         {k: results[k] for k in ("validation", "test", "seconds_per_step", "stopped_at") if k in results}
@@ -134,7 +137,7 @@ def add_parser(sub) -> None:
         "--task",
         help="BIG-bench task, file:PATH/task.json, jsonl:PATH (TRL-style prompt/completion, messages or "
         "prompt/choices/answer rows), hf:PATH[#SPLIT] (a datasets folder or a parquet/JSON file) or "
-        "corpus:shakespeare",
+        "corpus:shakespeare; a mixture of tasks joined by + (BIG-bench globs too: 'natural_instructions/*')",
     )
     parser.add_argument(
         "--optimizer", default="lora_rite", choices=list(available()), metavar="NAME", help="%(choices)s"

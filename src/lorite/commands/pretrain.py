@@ -11,7 +11,7 @@ from ..data.blocks import SAMPLERS
 from ..errors import LoriteError
 from ..models.llama import LLAMA_SIZES
 from ..optim import available
-from ..runtime import SCHEDULES, check_output_dir
+from ..runtime import SCHEDULES, check_output_dir, run_lock
 from ..train.pretrain import DEFAULT_CORPORA, PretrainConfig, pretrain, saved_config
 from ._options import add_keep_last, add_report_to, json_object, parse_list
 
@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> None:
             train_corpora=parse_list(args.train_corpora, "train-corpora") if args.train_corpora else None,
             data=args.data, time_limit=args.time_limit, progress=True, report_to=args.report_to or "none",
         )  # fmt: skip
-    results = pretrain(config, out, resume=args.resume is not None)
+    with run_lock(out, "--resume" if args.resume is not None else "--out"):  # one process per run dir
+        results = pretrain(config, out, resume=args.resume is not None)
     final = results.get("final", {})
     summary = {
         "tokens": final.get("tokens"),

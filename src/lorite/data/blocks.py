@@ -3,7 +3,10 @@ blocks — the unit of language-model training and perplexity evaluation.
 
 * :func:`pack_blocks` / :func:`tokenize_documents` — in-memory blocks (fine-tuning on a corpus);
 * :func:`build_token_cache` / :class:`TokenBlocks` — a memory-mapped, cached block array with a
-  train/validation split by document, each corpus addressable on its own (pre-training);
+  train/validation split by document, each corpus addressable on its own (pre-training); a cache is
+  checked whenever it is used (:func:`read_token_cache`): a damaged one found by
+  :func:`build_token_cache` is rebuilt (with a note on stderr), one opened directly is a
+  :class:`~lorite.errors.DamagedArtifact` that says to delete it;
 * :func:`make_sampler` / :class:`RandomSampler` — which blocks each micro-batch trains on (one protocol
   for uniform sampling and adaptive schedules such as LFR).
 """
@@ -19,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..cache import atomic_directory, cache_dir
+from ..errors import DamagedArtifact
 from .corpora import load_corpus
 from .lfr import LFRSampler
 
@@ -50,6 +54,57 @@ def tokenize_documents(tokenizer, texts: list[str], block_length: int) -> torch.
 # counts, the held-out document titles). ``key`` hashes everything the bytes depend on, so a cache built
 # once (here, or copied in from elsewhere) is found again instead of rebuilt.
 TOKEN_CACHE_VERSION = 2  # bump when tokenisation or a corpus reader changes what the bytes hold
+
+
+def _cache_problem(path: Path) -> tuple[Path, str] | None:
+    """What is wrong with the token cache in ``path``, as ``(file, problem)``; None when it is whole."""
+    import numpy as np  # optional dependency (lorite[all]): memory-mapped token arrays
+
+    meta_file = path / "meta.json"
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return meta_file, f"does not parse ({' '.join(str(error).split())})"
+    try:
+        block_length = int(meta["block_length"])
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        splits = meta["splits"]
+        if not isinstance(splits, dict) or not splits:
+            raise TypeError("no splits")
+        for split, info in splits.items():
+            n_blocks = int(info["n_blocks"])
+            for name, where in info["corpora"].items():
+                if not 0 <= int(where["start"]) <= int(where["stop"]) <= n_blocks:
+                    return (
+                        meta_file,
+                        f"corpus {name!r} of the {split} split lies outside its {n_blocks} blocks",
+                    )
+            data = path / f"{split}.bin"
+            if not data.is_file():
+                return data, "is missing"
+            size, expected = data.stat().st_size, n_blocks * block_length * itemsize
+            if size != expected:
+                state = "truncated" if size < expected else "longer than meta.json says"
+                return data, f"holds {size} bytes, meta.json says {expected} ({state})"
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        return meta_file, f"is not a token cache's meta.json (bad or missing field: {error})"
+    return None
+
+
+def read_token_cache(path: str | Path) -> dict:
+    """The ``meta.json`` of the token cache in ``path``, after checking the cache is whole: ``meta.json``
+    parses and has its fields, each split's ``.bin`` exists with exactly the bytes ``meta.json`` implies.
+    A directory without ``meta.json`` is a :class:`ValueError`; a damaged cache is a
+    :class:`~lorite.errors.DamagedArtifact` naming the file and saying to delete the cache."""
+    path = Path(path)
+    if not (path / "meta.json").exists():
+        raise ValueError(f"{str(path)!r} is not a token cache (no meta.json)")
+    if (problem := _cache_problem(path)) is not None:
+        file, what = problem
+        raise DamagedArtifact(
+            f"token cache {file} {what}; delete {path} (lorite builds it again from its corpora)"
+        )
+    return json.loads((path / "meta.json").read_text())
 
 
 def document_separator_id(tokenizer) -> int:
@@ -149,8 +204,13 @@ def build_token_cache(
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     target = Path(root) if root is not None else cache_dir() / "tokens"
     target = target / f"{'+'.join(corpora)}-L{block_length}-{digest}"
-    if (target / "meta.json").exists():
-        return target
+    if target.exists():
+        problem = _cache_problem(target)
+        if problem is None:
+            return target
+        print(  # a cache: rebuilt (atomically replacing the damaged one), not a reason to stop
+            f"lorite: token cache {problem[0]} {problem[1]}; rebuilding {target}", file=sys.stderr
+        )
 
     vocab_size = len(tokenizer)
     dtype = np.uint16 if vocab_size <= 1 << 16 else np.int32
@@ -223,10 +283,7 @@ class TokenBlocks:
         import numpy as np  # optional dependency (lorite[all]): memory-mapped token arrays
 
         self.path = Path(path)
-        meta_file = self.path / "meta.json"
-        if not meta_file.exists():
-            raise ValueError(f"{str(self.path)!r} is not a token cache (no meta.json)")
-        self.meta = json.loads(meta_file.read_text())
+        self.meta = read_token_cache(self.path)
         if split not in self.meta["splits"]:
             raise ValueError(f"unknown split {split!r}; the cache has {', '.join(self.meta['splits'])}")
         self.split = split

@@ -6,6 +6,11 @@ client sampling, reply validation, evaluation, history, atomic checkpoints, resu
 A run directory holds ``run.json`` (the spec), ``checkpoint.pt`` (server state, FedEP sites of the
 in-process engine, history; tensors and plain Python, ``torch.load(weights_only=True)``),
 ``metrics.json`` (per-round test accuracy, NLL, participants, exclusions) and ``accuracy.png``.
+
+What is read back is checked (:func:`read_spec`, :func:`read_checkpoint`): a ``run.json`` or
+``checkpoint.pt`` that does not load, lacks its fields, or whose tensors do not fit the run's model is a
+:class:`~lorite.errors.DamagedArtifact` (exit 1) naming the file; the run cannot continue from it (one
+checkpoint is kept, the last round's), so the message says to start the run again in a new directory.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import numpy as np
 import torch
 
 from ..cache import atomic_save_figure, atomic_write_text
-from ..errors import LoriteError
+from ..errors import DamagedArtifact, LoriteError
 from .core import (
     Algorithm,
     ClientDropout,
@@ -193,9 +198,12 @@ class FederatedServer:
         return warm
 
     def _load_checkpoint(self) -> None:
-        saved = torch.load(self.out / CHECKPOINT, weights_only=True)
-        if saved.get("format") != FORMAT:
-            raise LoriteError(f"{self.out / CHECKPOINT}: unknown checkpoint format {saved.get('format')!r}")
+        saved = read_checkpoint(self.out)
+        expected = self.algorithm.init_state(
+            initial_parameters(self.task, self.spec.seed), self.task.client_sizes
+        )
+        if _shapes(saved["tensors"]) != _shapes(expected.tensors):
+            raise _damaged(self.out / CHECKPOINT, "holds a server state that does not fit this run's model")
         self.round = int(saved["round"])
         self.state = ServerState(saved["tensors"], saved["optimizer"], saved["extra"])
         self.sites = {int(k): v for k, v in saved["sites"].items()}
@@ -295,12 +303,63 @@ class FederatedServer:
         return {"round": self.round, **(self.history[-1] if self.history else self.evaluate())}
 
 
+def _damaged(file: Path, what: str) -> DamagedArtifact:
+    return DamagedArtifact(
+        f"federated run: {file} {what}; the run cannot continue from it — start it again with a new --out"
+    )
+
+
+def _shapes(tensors: TensorDict) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in tensors.items()}
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def read_spec(run_dir: Path) -> RunSpec:
+    """The :class:`RunSpec` in ``run_dir/run.json``; one that does not parse is a DamagedArtifact."""
+    file = Path(run_dir) / "run.json"
+    try:
+        return RunSpec.from_json(file.read_text())
+    except LoriteError:  # it parses, but a setting is refused (the file was edited by hand)
+        raise
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise _damaged(file, f"does not parse ({_one_line(error)})") from error
+
+
+CHECKPOINT_KEYS = ("round", "tensors", "optimizer", "extra", "sites", "history")
+
+
+def read_checkpoint(run_dir: Path) -> dict[str, Any]:
+    """``run_dir/checkpoint.pt``, checked: it loads, has its format and fields, and its history has one
+    record per round done. Anything else is a :class:`DamagedArtifact` naming the file."""
+    file = Path(run_dir) / CHECKPOINT
+    try:
+        saved = torch.load(file, weights_only=True)
+    except Exception as error:  # truncated zip (RuntimeError), bad pickle (UnpicklingError), EOFError, …
+        raise _damaged(file, f"does not load ({_one_line(error)})") from error
+    if not isinstance(saved, dict) or any(key not in saved for key in ("format", *CHECKPOINT_KEYS)):
+        raise _damaged(file, f"lacks some of its fields {list(CHECKPOINT_KEYS)}")
+    if saved["format"] != FORMAT:
+        raise LoriteError(f"{file}: unknown checkpoint format {saved['format']!r} (expected {FORMAT})")
+    try:
+        history = json.loads(saved["history"])
+        ok = isinstance(history, list) and int(saved["round"]) == len(history) >= 0
+        ok = ok and all(isinstance(saved[k], dict) for k in ("tensors", "optimizer", "extra", "sites"))
+    except (TypeError, ValueError) as error:
+        raise _damaged(file, f"has an unreadable history ({_one_line(error)})") from error
+    if not ok:
+        raise _damaged(file, "is inconsistent (its round, history and state disagree)")
+    return saved
+
+
 def load_final_parameters(run_dir: Path) -> TensorDict:
     """The model parameters at the end of the run in ``run_dir`` (its checkpoint, under its algorithm)."""
     if not (run_dir / "run.json").exists() or not (run_dir / CHECKPOINT).exists():
         raise LoriteError(f"{run_dir}: not a federated run directory (no run.json and checkpoint.pt)")
-    spec = RunSpec.from_json((run_dir / "run.json").read_text())
-    saved = torch.load(run_dir / CHECKPOINT, weights_only=True)
+    spec = read_spec(run_dir)
+    saved = read_checkpoint(run_dir)
     algorithm = spec.make_algorithm()
     return algorithm.model_parameters(ServerState(saved["tensors"], saved["optimizer"], saved["extra"]))
 
@@ -328,7 +387,8 @@ def open_run(out: Path, rounds: int | None = None) -> RunSpec:
         raise LoriteError(f"--resume {str(out)!r}: no run.json there")
     if not (out / CHECKPOINT).exists():
         raise LoriteError(f"--resume {str(out)!r}: no checkpoint.pt there (the run never finished a round)")
-    spec = RunSpec.from_json((out / "run.json").read_text())
+    spec = read_spec(out)
+    read_checkpoint(out)  # damaged: say so now, before the data and the engine start
     if rounds is not None and rounds != spec.rounds:
         if rounds < 1:
             raise LoriteError(f"--rounds must be ≥ 1, got {rounds}")

@@ -6,6 +6,9 @@
   by :func:`lorite.tasks.evaluation.evaluate_task`.
 * ``corpus:NAME``: the documents split by :func:`lorite.tasks.splits.split_documents`, each split packed
   into blocks of ``min(max_length, 512)`` tokens; validation and test are scored by perplexity.
+* a mixture ``A+B+C`` (:class:`MixtureData`): every member's :class:`TaskData`, its training split capped
+  at ``max_examples_per_task``; evaluated member by member, ``score`` the macro mean
+  (:mod:`lorite.tasks.mixture`).
 
 The same spec, tokenizer and split settings always give the same data, so every optimizer, method and
 seed of a comparison trains and is scored on the same examples.
@@ -21,7 +24,8 @@ import torch
 from ..data.blocks import pack_blocks, tokenize_documents
 from .encoding import collate, encode_examples, require_chat_template
 from .evaluation import evaluate_task, perplexity
-from .spec import TaskSpec, load_documents, load_task, parse_task_spec
+from .mixture import DEFAULT_MAX_EXAMPLES_PER_TASK, capped_sizes, macro_metrics
+from .spec import MixtureSpec, TaskSpec, load_documents, load_task, load_tasks, parse_spec, parse_task_spec
 from .splits import split_documents, split_examples
 from .task import Task
 
@@ -43,18 +47,53 @@ class TaskData:
         return int(self.train.shape[0]) if self.kind == "language_model" else len(self.train)
 
 
+@dataclass
+class MixtureData:
+    """The :class:`TaskData` of every member of a mixture (member spec → data, in the mixture's order;
+    training splits capped). ``train`` is the members' encoded training examples laid end to end, member
+    0 first (:class:`lorite.tasks.mixture.MixtureSampler` indexes into it)."""
+
+    members: dict[str, TaskData]
+    kind: str = "mixture"
+
+    def __post_init__(self) -> None:
+        self.train = [item for data in self.members.values() for item in data.train]
+
+    @property
+    def train_sizes(self) -> list[int]:
+        return [data.n_train for data in self.members.values()]
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train)
+
+
 def load_task_data(
-    spec: str | TaskSpec,
+    spec: str | TaskSpec | MixtureSpec,
     tokenizer,
     split_seed: int = 0,
     n_validation: int = 200,
     n_test: int = 400,
     max_length: int = 512,
     encode_train: bool = True,
-) -> TaskData:
+    max_examples_per_task: int = DEFAULT_MAX_EXAMPLES_PER_TASK,
+) -> TaskData | MixtureData:
     """Load and split the task ``spec`` names; encode its training split unless ``encode_train`` is false
-    (evaluation only: the training list is then empty)."""
-    spec = parse_task_spec(spec)
+    (evaluation only: the training list is then empty). A mixture gives :class:`MixtureData`, every
+    member split with ``split_seed`` and trained on at most ``max_examples_per_task`` of its training
+    examples (``max_examples_per_task`` applies to mixtures only)."""
+    spec = parse_spec(spec)
+    if isinstance(spec, MixtureSpec):
+        tasks = load_tasks(list(spec.members))  # BIG-bench members in one pass over the sdist
+        members = {}
+        for name, task in tasks.items():
+            if task.chat:
+                require_chat_template(tokenizer, task.name)
+            examples = split_examples(task, split_seed, n_validation, n_test)
+            (cap,) = capped_sizes([len(examples.train)], max_examples_per_task)
+            train = encode_examples(task, examples.train[:cap], tokenizer, max_length) if encode_train else []
+            members[name] = TaskData(task.kind, train, examples.validation, examples.test, task)
+        return MixtureData(members)
     if spec.is_corpus:
         splits = split_documents(load_documents(spec), seed=split_seed)
         block = min(max_length, CORPUS_BLOCK_LIMIT)
@@ -73,10 +112,18 @@ def load_task_data(
 
 
 def evaluate_split(
-    model, tokenizer, data: TaskData, split: str, batch_size: int = 32, progress: bool = False
+    model, tokenizer, data: TaskData | MixtureData, split: str, batch_size: int = 32, progress: bool = False
 ) -> dict:
     """Metrics of ``model`` on ``split`` ("validation" or "test") of ``data``; ``score`` is the number
-    learning rates are chosen by (accuracy, ROUGE-L, or −perplexity)."""
+    learning rates are chosen by (accuracy, ROUGE-L, or −perplexity; of a mixture the macro mean over its
+    members, each member's metrics under ``per_task``)."""
+    if isinstance(data, MixtureData):
+        return macro_metrics(
+            {
+                name: evaluate_split(model, tokenizer, member, split, batch_size, progress)
+                for name, member in data.members.items()
+            }
+        )
     examples = getattr(data, split)
     if data.kind == "language_model":
         value = perplexity(model, examples, batch_size=max(1, batch_size // 4))

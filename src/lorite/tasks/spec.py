@@ -19,6 +19,12 @@ spec                   what it names
                        ``.parquet`` / ``.json`` / ``.jsonl`` / ``.csv`` file; of several splits
                        ``train``, or the one ``hf:PATH#SPLIT`` names
 ``corpus:NAME``        a public-domain corpus of :mod:`lorite.data.corpora` (language modelling)
+``A+B+C``              a **mixture** (:class:`MixtureSpec`) of the tasks above (no corpora), each
+                       split on its own; a BIG-bench member may be a glob over the shipped name index
+                       (``natural_instructions/*``, :func:`fnmatch.fnmatchcase`; groups of subtasks are
+                       not matched), expanded in index order. A ``+`` always separates members, so a
+                       path with a ``+`` in it cannot be named; a glob matching nothing and a task
+                       named twice are errors
 =====================  ==========================================================================
 
 Every task is split by the one rule of :mod:`lorite.tasks.splits` (a dataset's own splits are not used
@@ -32,6 +38,7 @@ read in full, every row checked, only then)."""
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,12 +69,92 @@ class TaskSpec:
         return self.source == "corpus"
 
 
-def parse_task_spec(spec: str | TaskSpec) -> TaskSpec:
-    """The :class:`TaskSpec` of ``spec`` (syntax only: nothing is read)."""
-    if isinstance(spec, TaskSpec):
+@dataclass(frozen=True)
+class MixtureSpec:
+    """A task mixture ``A+B+C``: its member tasks (globs expanded), in the order given; each is split on
+    its own and evaluated on its own (:mod:`lorite.tasks.mixture`)."""
+
+    members: tuple[TaskSpec, ...]
+
+    def __str__(self) -> str:
+        return "+".join(str(member) for member in self.members)
+
+    @property
+    def is_corpus(self) -> bool:
+        return False
+
+
+MIXTURE_SEPARATOR = "+"
+_GLOB_CHARACTERS = "*?["
+
+
+def is_mixture(spec: str | TaskSpec | MixtureSpec) -> bool:
+    """Whether ``spec`` names a mixture (a ``+`` or a BIG-bench glob); syntax only."""
+    return isinstance(parse_spec(spec), MixtureSpec)
+
+
+def parse_spec(spec: str | TaskSpec | MixtureSpec) -> TaskSpec | MixtureSpec:
+    """The :class:`TaskSpec` of ``spec``, or its :class:`MixtureSpec` when it has members joined by ``+``
+    or a BIG-bench glob (syntax and the shipped name index only: nothing is read or downloaded)."""
+    if isinstance(spec, TaskSpec | MixtureSpec):
         return spec
     if not isinstance(spec, str):
         raise LoriteError(f"a task spec is a string, got {type(spec).__name__}")
+    parts = spec.split(MIXTURE_SEPARATOR)
+    if len(parts) == 1 and not _is_glob(_single(spec)):
+        return _single(spec)
+    if any(not part.strip() for part in parts):
+        raise LoriteError(
+            f"task mixture {_short(spec)!r}: an empty member (two '+' in a row, or one at an end)"
+        )
+    members: list[TaskSpec] = []
+    for part in parts:
+        member = _single(part)
+        if member.is_corpus:
+            raise LoriteError(
+                f"task mixture {_short(spec)!r}: {str(member)!r} is a corpus; a mixture holds tasks of examples"
+            )
+        members += _expand(member) if _is_glob(member) else [member]
+    seen: set[TaskSpec] = set()
+    for member in members:
+        if member in seen:
+            raise LoriteError(f"task mixture {_short(spec)!r} names {str(member)!r} twice")
+        seen.add(member)
+    return MixtureSpec(tuple(members))
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _is_glob(spec: TaskSpec) -> bool:
+    return spec.source == "bigbench" and any(c in spec.name for c in _GLOB_CHARACTERS)
+
+
+def _expand(pattern: TaskSpec) -> list[TaskSpec]:
+    """The BIG-bench tasks of the shipped index that the glob ``pattern`` matches (groups of subtasks, which
+    have no examples of their own, left out), in index order."""
+    names = bigbench.task_names()
+    groups = {name.rsplit("/", 1)[0] for name in names if "/" in name}
+    matched = [n for n in names if n not in groups and fnmatch.fnmatchcase(n, pattern.name)]
+    if not matched:
+        raise LoriteError(f"task glob {pattern.name!r} matches no BIG-bench task")
+    return [TaskSpec("bigbench", name) for name in matched]
+
+
+def parse_task_spec(spec: str | TaskSpec) -> TaskSpec:
+    """The :class:`TaskSpec` of ``spec`` (syntax only: nothing is read); a mixture is an error here (where
+    one task is needed; :func:`parse_spec` takes both)."""
+    parsed = parse_spec(spec)
+    if isinstance(parsed, MixtureSpec):
+        raise LoriteError(f"{_short(str(spec))!r} is a task mixture; one task is needed here")
+    return parsed
+
+
+def _single(spec: str | TaskSpec) -> TaskSpec:
+    """One task spec (no mixture)."""
+    if isinstance(spec, TaskSpec):
+        return spec
     text = spec.strip()
     for source, prefix in _PREFIXES.items():
         if text.startswith(prefix):
@@ -84,12 +171,32 @@ def parse_task_spec(spec: str | TaskSpec) -> TaskSpec:
     return TaskSpec("bigbench", text)
 
 
-def check_task_specs(specs: list[str | TaskSpec]) -> list[TaskSpec]:
+def check_task_specs(specs: list[str | TaskSpec | MixtureSpec]) -> list[TaskSpec | MixtureSpec]:
     """Parse ``specs`` and check that each names something that exists: a known corpus, an existing file
     (a ``jsonl:`` file readable, its first row a good row), a dataset path ``datasets`` can read, a
-    BIG-bench task (the sdist is read at most once, for all names together). Raises :class:`LoriteError`
-    naming the first bad one."""
-    parsed = [parse_task_spec(spec) for spec in specs]
+    BIG-bench task (the sdist is read at most once, for all names together); every member of a mixture.
+    Raises :class:`LoriteError` naming the first bad one (a mixture's member: which one); BIG-bench names
+    are checked against the shipped index before anything is downloaded."""
+    parsed = [parse_spec(spec) for spec in specs]
+    for mixture in (spec for spec in parsed if isinstance(spec, MixtureSpec)):
+        for number, member in enumerate(mixture.members, 1):
+            try:
+                _check_singles([member], download=False)
+            except LoriteError as error:
+                where = (
+                    f"member {number} of {len(mixture.members)} of the task mixture {_short(str(mixture))!r}"
+                )
+                raise LoriteError(f"{error} ({where})") from error
+    singles = [
+        member for spec in parsed for member in (spec.members if isinstance(spec, MixtureSpec) else (spec,))
+    ]
+    _check_singles(singles)
+    return parsed
+
+
+def _check_singles(parsed: list[TaskSpec], download: bool = True) -> None:
+    """:func:`check_task_specs` of single specs; BIG-bench names only against the shipped index unless
+    ``download`` (then their task files are read, once for all)."""
     for spec in parsed:
         if spec.source == "corpus" and spec.name not in corpora.CORPORA:
             raise LoriteError(f"unknown corpus {spec.name!r}; available: {', '.join(corpora.CORPORA)}")
@@ -100,9 +207,10 @@ def check_task_specs(specs: list[str | TaskSpec]) -> list[TaskSpec]:
         if spec.source == "hf":
             rows.check_hf(spec.name)
     names = [spec.name for spec in parsed if spec.source == "bigbench"]
-    if names:
+    if names and download:
         bigbench.load_tasks(names)
-    return parsed
+    elif names:
+        bigbench.check_names(names)
 
 
 def load_tasks(specs: list[str | TaskSpec]) -> dict[str, Task]:

@@ -8,7 +8,10 @@ Protocol, per task and optimizer:
 3. that learning rate with every seed; test mean ± std over those runs.
 
 Every run also evaluates the test split (so that an interrupted comparison can resume from its runs'
-``metrics.json`` alone), but only the test metrics of the validation-chosen learning rate are read.
+``metrics.json`` alone), but only the test metrics of the validation-chosen learning rate are read. A run
+whose ``metrics.json`` does not parse (a full disk, a copy cut short) counts as not run: ``compare`` says
+so on stderr, moves its folder aside into ``out/.damaged/`` and runs it again; ``--progress`` lists it as
+left.
 
 An "optimizer" can be a registry name or a labelled variant — ``{"label": "lora_rite/no-escape",
 "optimizer": "lora_rite", "args": {"escape_mass": false}, "init_scale": 10}`` in a config file — so that
@@ -27,7 +30,10 @@ import gc
 import json
 import math
 import multiprocessing
+import os
 import statistics
+import sys
+import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -39,8 +45,9 @@ from ..cache import atomic_write_text
 from ..errors import LoriteError
 from ..optim import available
 from ..runtime import check_output_dir
+from ..tasks import MixtureSpec, parse_spec
 from .finetune import FinetuneConfig, evaluate_model, finetune
-from .report import write_report
+from .report import task_folder, write_report
 
 # Learning-rate grids for "--lrs auto": five log-spaced values around each method's usual range.
 # LoRA-RITE's paper variant does not normalise ḡᵀḡ by the rows, so its steps are ~√rows smaller per
@@ -154,7 +161,7 @@ class RunSpec:
 
     @property
     def folder(self) -> str:
-        return f"{self.task.replace('/', '__')}/{self.spec.label.replace('/', '__')}/lr{self.lr:g}_seed{self.seed}"
+        return f"{task_folder(self.task)}/{self.spec.label.replace('/', '__')}/lr{self.lr:g}_seed{self.seed}"
 
 
 class _Schedule:
@@ -222,12 +229,41 @@ class _Schedule:
         return runs
 
 
+DAMAGED_DIR = ".damaged"  # run folders whose metrics.json did not parse, moved aside to be run again
+
+
+def read_run_metrics(out: Path, run: RunSpec, move_aside: bool) -> dict | None:
+    """The ``metrics.json`` of ``run`` in the comparison ``out``; None when the run is not finished — no
+    ``metrics.json``, or one that does not parse or holds no JSON object (said on stderr; with
+    ``move_aside`` the run's folder goes to ``out/.damaged/<time>/`` so that the run can be done again)."""
+    folder = Path(out) / run.folder
+    file = folder / "metrics.json"
+    try:
+        metrics = json.loads(file.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        problem = f"does not parse ({' '.join(str(error).split())})"
+    else:
+        if isinstance(metrics, dict):
+            return metrics
+        problem = "holds no JSON object"
+    if move_aside:
+        aside = Path(out) / DAMAGED_DIR / time.strftime("%Y%m%d-%H%M%S") / run.folder
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(folder, aside)
+        then = f"it is run again (its old folder is now {aside})"
+    else:
+        then = "the run counts as not run; the next lorite compare runs it again"
+    print(f"lorite compare: note: {file} {problem}; {then}", file=sys.stderr, flush=True)
+    return None
+
+
 def _execute(base: dict[str, Any], run: RunSpec, out: str, progress: bool) -> tuple[RunSpec, dict]:
     """One run (in a worker process when jobs > 1). A finished run is read back, not redone."""
     folder = Path(out) / run.folder
-    metrics_file = folder / "metrics.json"
-    if metrics_file.exists():
-        return run, json.loads(metrics_file.read_text())
+    if (finished := read_run_metrics(Path(out), run, move_aside=True)) is not None:
+        return run, finished
     config = FinetuneConfig(
         **{
             **base,
@@ -450,10 +486,15 @@ def _read_progress(tasks, optimizers, grids, seeds, out, widen) -> tuple[dict, _
     schedule = _Schedule(tasks, specs, grids, seeds, widen, verbose=False)
 
     def stored(run: RunSpec) -> bool:
-        file = out / run.folder / "metrics.json"
-        if run not in schedule.results and file.exists():
-            schedule.results[run] = json.loads(file.read_text())
+        if run not in schedule.results and run not in unreadable:
+            metrics = read_run_metrics(out, run, move_aside=False)  # trains nothing, moves nothing
+            if metrics is None:
+                unreadable.add(run)  # (or absent: either way not run; asked once)
+            else:
+                schedule.results[run] = metrics
         return run in schedule.results
+
+    unreadable: set[RunSpec] = set()
 
     report: dict[str, Any] = {"out": str(out), "seeds": seeds, "finished": 0, "left": 0, "waiting": 0}
     report["tasks"] = {}
@@ -494,7 +535,7 @@ def _read_progress(tasks, optimizers, grids, seeds, out, widen) -> tuple[dict, _
                 "validation_curve": curve,
             }
     report["finished"] = len(schedule.results)
-    scheduled = {(out / run.folder).resolve() for run in schedule.results}
+    scheduled = {(out / run.folder).resolve() for run in [*schedule.results, *unreadable]}
     report["other_runs"] = sorted(
         str(file.parent.relative_to(out))
         for file in out.glob("*/*/*/metrics.json")
@@ -658,34 +699,67 @@ def _summarise(tasks, specs, grids, seeds, runs, best, baseline, base) -> dict:
                 "validation_curves": [r.get("history", {}).get("validation", {}) for r in chosen],
                 "diverged_lrs": [g for g, r in grid_runs.items() if r.get("diverged")],
             }
+            if any("per_task" in r.get("test", {}) for r in chosen):  # a mixture: every member's test score
+                members = next(r["test"]["per_task"] for r in chosen if "per_task" in r.get("test", {}))
+                entry["optimizers"][spec.label]["test_per_task"] = {
+                    member: _mean_std(
+                        [r["test"]["per_task"].get(member, {}).get("score") for r in chosen if "test" in r]
+                    )
+                    for member in members
+                }
         summary["tasks"][task] = entry
     return summary
 
 
-CONFIG_KEYS = ("description", "tasks", "optimizers", "lrs", "seeds", "widen", "training")
+CONFIG_KEYS = ("description", "tasks", "optimizers", "lrs", "seeds", "widen", "training", "heldout_tasks")
 
 
 def load_config(path: str | Path) -> dict:
     """A comparison described in a JSON file (see benchmarks/configs/): ``tasks``, ``optimizers`` (names or
     labelled variants), ``lrs`` (``"auto"`` or label → list), ``seeds``, ``widen`` (extra learning rates
     allowed past each grid edge, see :func:`compare`) and ``training`` (FinetuneConfig fields). Makes each
-    results table reproducible by one command."""
+    results table reproducible by one command. ``heldout_tasks`` (optional) names tasks or mixtures that
+    no run of the comparison trains or chooses on, for transfer evaluation afterwards (``lorite evaluate
+    --run RUN --task SPEC``); none of their tasks may be a member of ``tasks``."""
     try:
         config = json.loads(Path(path).read_text())
     except FileNotFoundError as error:
         raise LoriteError(f"--config {str(path)!r} does not exist") from error
-    except json.JSONDecodeError as error:
-        raise LoriteError(f"--config {str(path)!r} is not valid JSON: {error}") from error
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:  # (the same words as finetune's)
+        raise LoriteError(f"--config {str(path)!r} is not a readable JSON file: {error}") from error
     if not isinstance(config, dict):
         raise LoriteError(f"--config {str(path)!r} must hold a JSON object")
     unknown = set(config) - set(CONFIG_KEYS)
     if unknown:
         raise LoriteError(f"--config {str(path)!r}: unknown keys {sorted(unknown)}")
+    for key in ("tasks", "optimizers"):
+        if not isinstance(config.get(key), list) or not config[key]:
+            raise LoriteError(f"--config {str(path)!r}: {key!r} must be a non-empty list")
+    for key in ("seeds", "widen"):
+        if key in config and (isinstance(config[key], bool) or not isinstance(config[key], int)):
+            raise LoriteError(f"--config {str(path)!r}: {key!r} must be a whole number, got {config[key]!r}")
+    if not isinstance(config.get("training", {}), dict):
+        raise LoriteError(
+            f"--config {str(path)!r}: 'training' must be a JSON object of FinetuneConfig fields"
+        )
     fields = set(FinetuneConfig.__dataclass_fields__) - {"task", "optimizer", "lr", "seed"}
     bad = set(config.get("training", {})) - fields
     if bad:
         raise LoriteError(f"--config {str(path)!r}: unknown training settings {sorted(bad)}")
+    trained = {member for task in config.get("tasks", []) for member in _members(task)}
+    for heldout in config.get("heldout_tasks", []):
+        overlap = [str(member) for member in _members(heldout) if member in trained]
+        if overlap:
+            raise LoriteError(
+                f"--config {str(path)!r}: held-out task {overlap[0]!r} is also trained on (tasks)"
+            )
     return config
+
+
+def _members(task: str) -> tuple:
+    """The single tasks of ``task`` (a mixture's members), parsed."""
+    spec = parse_spec(task)
+    return spec.members if isinstance(spec, MixtureSpec) else (spec,)
 
 
 def prepare_output(out: Path) -> None:

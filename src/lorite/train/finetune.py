@@ -35,14 +35,31 @@ from ..runtime import (
     seed_everything,
     setup,
 )
-from ..tasks import TaskData, evaluate_split, load_task_data
+from ..tasks import MixtureData, TaskData, evaluate_split, load_task_data
 from ..tasks.encoding import collate, lm_loss
+from ..tasks.mixture import (
+    DEFAULT_MAX_EXAMPLES_PER_TASK,
+    MixtureSampler,
+    check_mixture_settings,
+    mixture_probabilities,
+)
 from . import distributed
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, open_checkpoint, save_checkpoint
 from .methods import get_method
 from .run_log import RunLog, check_report_to, gradient_norm
 
 SNAPSHOT_DIR = "snapshots"  # save_every: snapshots/step_000050/{adapter,model}
+# settings that may change when a run is resumed (they do not change what is computed); any other
+# difference from the checkpointed run's config is refused
+RESUMABLE_CHANGES = (
+    "keep_last",
+    "report_to",
+    "device",
+    "checkpoint_every",
+    "save_every",
+    "skip_test",
+    "gradient_checkpointing",
+)
 
 
 @dataclass
@@ -70,6 +87,10 @@ class FinetuneConfig:
     max_grad_norm: float = 0.0  # raw-gradient clipping; 0 = off (it breaks LoRA-RITE's invariance)
     seed: int = 0  # LoRA init, dropout and data order
     split_seed: int = 0  # the train/validation/test split (fixed across seeds)
+    # a task mixture (A+B, natural_instructions/*; lorite.tasks.mixture): each member trains on at most
+    # this many examples, drawn with p_i ∝ n_i^(1/T) (T = 1: proportional to the capped sizes; inf: uniform)
+    max_examples_per_task: int = DEFAULT_MAX_EXAMPLES_PER_TASK
+    mixture_temperature: float = 1.0
     n_validation: int = 200
     n_test: int = 400
     max_length: int = 512
@@ -106,6 +127,7 @@ class FinetuneConfig:
             raise LoriteError(f"init_scale must be a positive number, got {self.init_scale}")
         get_method(self.method)
         check_report_to(self.report_to)
+        check_mixture_settings(self.max_examples_per_task, self.mixture_temperature)
         if self.parallel not in ENGINES:
             raise LoriteError(f"--parallel must be one of {', '.join(ENGINES)}, got {self.parallel!r}")
         if self.dtype not in DTYPE_CHOICES:
@@ -140,12 +162,32 @@ def make_batch(data: TaskData, indices: list[int], pad_id: int) -> dict[str, tor
     return collate([data.train[i] for i in indices], pad_id)
 
 
-def data_for(config: FinetuneConfig, tokenizer, encode_train: bool = True) -> TaskData:
-    """The task data of ``config`` (its task spec and split settings)."""
+def data_for(config: FinetuneConfig, tokenizer, encode_train: bool = True) -> TaskData | MixtureData:
+    """The task data of ``config`` (its task spec and split settings; a mixture's per-task cap)."""
     return load_task_data(
         config.task, tokenizer, split_seed=config.split_seed, n_validation=config.n_validation,
         n_test=config.n_test, max_length=config.max_length, encode_train=encode_train,
+        max_examples_per_task=config.max_examples_per_task,
     )  # fmt: skip
+
+
+def data_order(config: FinetuneConfig, data: TaskData | MixtureData):
+    """``(step, micro) → example indices`` of the run: :func:`batch_indices` over the training examples,
+    or a mixture's :class:`~lorite.tasks.MixtureSampler` (temperature sampling over its members); both a
+    pure function of (seed, step, micro)."""
+    if isinstance(data, MixtureData):
+        sizes = data.train_sizes
+        sampler = MixtureSampler(
+            sizes, mixture_probabilities(sizes, config.mixture_temperature), config.seed,
+            config.batch_size, config.grad_accum,
+        )  # fmt: skip
+        return sampler.indices
+    n_train = data.n_train
+
+    def order(step: int, micro: int) -> list[int]:
+        return batch_indices(n_train, config.batch_size, config.seed, step, micro, config.grad_accum)
+
+    return order
 
 
 def base_dtype(config: FinetuneConfig, device: torch.device) -> str:
@@ -224,6 +266,11 @@ def finetune(
     device = world.device
     if world.active and config.parallel == "fsdp2" and config.method != "lora":
         raise LoriteError(f"--parallel fsdp2 supports --method lora only, got {config.method!r} (use ddp)")
+    checkpoint = None
+    if resume:  # checked, and its config compared, before anything is loaded or written
+        if out is None:
+            raise LoriteError("resuming needs the run's output directory")
+        checkpoint = open_checkpoint(out, world, asdict(config), RESUMABLE_CHANGES)
     seed_everything(config.seed)
 
     model, tokenizer = load_causal_lm(  # on the CPU unless 4-bit: methods prepare it there (lq_lora moves it)
@@ -250,9 +297,7 @@ def finetune(
     history: dict[str, list] = {"loss": [], "validation": []}
     start_step = 0
     if resume:
-        if out is None:
-            raise LoriteError("resuming needs the run's output directory")
-        saved = load_checkpoint(out, model, optimizer, scheduler, world=world)
+        saved = load_checkpoint(out, model, optimizer, scheduler, world=world, checkpoint=checkpoint)
         start_step, history = saved["step"], saved["history"]
 
     evaluating = 0.0  # seconds spent in evaluation (reported next to the step time: GPU planning)
@@ -265,7 +310,7 @@ def finetune(
         return scores
 
     use_bf16 = config.bf16 and device.type == "cuda"
-    n_train = data.n_train
+    order = data_order(config, data)
     step_times = []
     # RUN/log.jsonl (rank 0); closed at the two returns below, and its lines are whole if neither is reached
     log = RunLog(out, start_step if resume else None, config.report_to, world.is_main)
@@ -280,7 +325,7 @@ def finetune(
         total = 0.0
         tokens = 0  # non-pad tokens of this rank's micro-batches
         for micro in range(config.grad_accum):
-            indices = batch_indices(n_train, config.batch_size, config.seed, step, micro, config.grad_accum)
+            indices = order(step, micro)
             indices = distributed.shard(indices, world)  # the global micro-batch, split across ranks
             batch = make_batch(data, indices, tokenizer.pad_token_id)
             tokens += int(batch["attention_mask"].sum())
@@ -323,8 +368,9 @@ def finetune(
         if out is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
             train_state = {"step": done, "history": history, "config": asdict(config)}
             save_checkpoint(
-                out, model, optimizer, scheduler, train_state, world=world, keep_last=config.keep_last
-            )
+                out, model, optimizer, scheduler, train_state, world=world, keep_last=config.keep_last,
+                resumable=RESUMABLE_CHANGES,
+            )  # fmt: skip
         if stop_after is not None and done >= stop_after:
             log.close()
             return {"config": asdict(config), "history": history, "stopped_at": done}

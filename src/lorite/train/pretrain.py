@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..cache import atomic_directory, atomic_write_text
-from ..data.blocks import SAMPLERS, TokenBlocks, build_token_cache, make_sampler
+from ..data.blocks import SAMPLERS, TokenBlocks, build_token_cache, make_sampler, read_token_cache
 from ..data.corpora import CORPORA
 from ..errors import LoriteError
 from ..models.llama import LLAMA_SIZES, build_llama, pretraining_tokenizer
@@ -53,7 +53,7 @@ from ..runtime import (
     setup,
 )
 from . import distributed
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, open_checkpoint, save_checkpoint, saved_train_state
 from .run_log import RunLog, check_report_to, gradient_norm
 
 ENGLISH_CORPORA = ("shakespeare", "bible", "austen", "webster")
@@ -164,7 +164,7 @@ def resolve_data(config: PretrainConfig) -> Path:
         path = Path(config.data)
         if not (path / "meta.json").exists():
             raise LoriteError(f"--data {str(path)!r} is not a token cache (no meta.json)")
-        meta = json.loads((path / "meta.json").read_text())
+        meta = read_token_cache(path)  # a damaged cache: DamagedArtifact, saying to delete it
         if meta["block_length"] != config.block_length:
             raise LoriteError(
                 f"--data has blocks of {meta['block_length']} tokens, the run asks {config.block_length}"
@@ -242,11 +242,13 @@ def optimizer_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]
 
 
 def saved_config(out: str | Path) -> PretrainConfig:
-    """The configuration of the run whose checkpoint is in ``out``."""
+    """The configuration of the run whose checkpoint is in ``out`` (the one a resume continues: checked,
+    and an older kept one when the newest is damaged; :class:`~lorite.errors.DamagedArtifact` if none is
+    intact)."""
     state = Path(out) / CHECKPOINT_DIR / "train_state.json"
     if not state.exists():
         raise LoriteError(f"--resume {str(out)!r}: no checkpoint there (expected {state})")
-    return PretrainConfig.from_dict(json.loads(state.read_text())["config"])
+    return PretrainConfig.from_dict(saved_train_state(out)["config"])
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -269,11 +271,9 @@ def pretrain(
     world = setup("ddp", pick_device(config.device))
     is_main = world.is_main
     check_output_dir(out, resume)
-    if resume:
-        saved = asdict(saved_config(out))
-        changed = [k for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES and saved[k] != v]
-        if changed:
-            raise LoriteError(f"--resume: the settings {changed} differ from the checkpointed run's")
+    checkpoint = None
+    if resume:  # checked, and its config compared, before anything is loaded or written
+        checkpoint = open_checkpoint(out, None, asdict(config), RESUMABLE_CHANGES, announce=is_main)
     device = world.device
     use_bf16 = config.bf16 and device.type == "cuda"
 
@@ -335,7 +335,9 @@ def pretrain(
     start_step = 0
     if resume:
         extra: dict[str, Any] = {}
-        state = load_checkpoint(out, raw_model, optimizer, scheduler, extra_state=extra)
+        state = load_checkpoint(
+            out, raw_model, optimizer, scheduler, extra_state=extra, checkpoint=checkpoint
+        )
         sampler.load_state_dict(extra["sampler"])
         start_step, metrics = state["step"], state["metrics"]
         metrics["config"] = asdict(config)
@@ -355,8 +357,9 @@ def pretrain(
             train_state = {"step": step, "metrics": metrics, "config": asdict(config)}
             sampler_state = {"sampler": sampler.state_dict()}
             save_checkpoint(
-                out, raw_model, optimizer, scheduler, train_state, sampler_state, keep_last=config.keep_last
-            )
+                out, raw_model, optimizer, scheduler, train_state, sampler_state, keep_last=config.keep_last,
+                resumable=RESUMABLE_CHANGES,
+            )  # fmt: skip
 
     def record_validation(step: int, max_blocks) -> dict:
         result = evaluate(raw_model, validation, weights, config, world, max_blocks)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,61 @@ def _grid_cell(lr: str, score: float | None, info: dict[str, Any]) -> str:
     if lr in info["diverged_lrs"]:
         return "diverged"
     return "failed" if score is None else f"{100 * score:.1f}"
+
+
+def task_folder(task: str) -> str:
+    """``task`` as a file or folder name (a comparison's run folders, its loss plots): the spec with ``/``
+    as ``__``; a spec with glob characters or too long for a file name (a mixture of many tasks) is
+    ``mixture-`` and a hash of it."""
+    name = task.replace("/", "__")
+    if len(name) <= 120 and not any(c in name for c in "*?[]"):
+        return name
+    return "mixture-" + hashlib.sha1(task.encode("utf-8")).hexdigest()[:12]
+
+
+def _task_label(task: str, entry: dict[str, Any]) -> str:
+    """``task`` as a table cell: a long mixture spec as "mixture of N tasks" and its beginning."""
+    members = next(
+        (info["test_per_task"] for info in entry["optimizers"].values() if "test_per_task" in info), None
+    )
+    if members is None or len(task) <= 80:
+        return task
+    return f"mixture of {len(members)} tasks ({task[:60]}…)"
+
+
+def _per_task_tables(tasks: dict[str, Any], optimizers: list[str]) -> list[str]:
+    """For each mixture: every member's test score (mean ± std over the seeds at the chosen lr), the
+    zero-shot score, and the macro mean the rate was chosen by (on validation) and reported on."""
+    lines: list[str] = []
+    for task, entry in tasks.items():
+        infos = [entry["optimizers"][name] for name in optimizers]
+        if not any("test_per_task" in info for info in infos):
+            continue
+        members = next(info["test_per_task"] for info in infos if "test_per_task" in info)
+        zero = ((entry.get("zero_shot") or {}).get("test") or {}).get("per_task", {})
+        lines += [
+            f"### {_task_label(task, entry)}",
+            "",
+            "| task | zero-shot | " + " | ".join(optimizers) + " |",
+            "|---|---|" + "---|" * len(optimizers),
+        ]
+        for member in members:
+            zero_text = f"{100 * zero[member]['score']:.1f}" if member in zero else "—"
+            cells = [
+                _fmt(info["test_per_task"][member]) if member in info.get("test_per_task", {}) else "—"
+                for info in infos
+            ]
+            lines.append(f"| {member} | {zero_text} | " + " | ".join(cells) + " |")
+        zero_macro = (entry.get("zero_shot") or {}).get("test", {}).get("score")
+        lines.append(
+            f"| **macro mean** | {'—' if zero_macro is None else f'{100 * zero_macro:.1f}'} | "
+            + " | ".join(_fmt(info["test_score"]) for info in infos)
+            + " |"
+        )
+        lines.append("")
+    if lines:
+        lines = ["## Per-task test scores of the mixtures", "", *lines]
+    return lines
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -54,17 +110,18 @@ def write_report(results: dict[str, Any], out: Path) -> list[Path]:
             averages[name].append(info["test_score"][0])
             edge = " (lr at grid edge)" if info["best_lr_at_grid_edge"] else ""
             cells.append(_fmt(info["test_score"]) + edge)
-        lines.append(f"| {task} | {zero_text} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_task_label(task, entry)} | {zero_text} | " + " | ".join(cells) + " |")
     if len(tasks) > 1:
         lines.append(
             "| **average** | | "
             + " | ".join(f"{100 * sum(v) / len(v):.1f}" for v in averages.values())
             + " |"
         )
+    lines += ["", *_per_task_tables(tasks, optimizers)]
     lines += ["", "## Best learning rates and validation grids", ""]
     for task, entry in tasks.items():
         lines += [
-            f"### {task}",
+            f"### {_task_label(task, entry)}",
             "",
             "| optimizer | best lr | validation score per lr (seed 0) | s/step |",
             "|---|---|---|---|",
@@ -108,7 +165,7 @@ def _plots(results: dict[str, Any], out: Path) -> list[Path]:
         ax.set_title(f"{task}: loss at each optimizer's best lr")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        path = out / f"loss_{task.replace('/', '__')}.png"
+        path = out / f"loss_{task_folder(task)}.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         paths.append(path)

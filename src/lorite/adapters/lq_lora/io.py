@@ -1,5 +1,12 @@
 """Saved LQ-LoRA models: packed ``Q`` (safetensors), the peft adapter and ``lq_lora.json``, written
-atomically; ``Q`` replaces ``W``, so the adapter alone would not be enough to load one."""
+atomically; ``Q`` replaces ``W``, so the adapter alone would not be enough to load one.
+
+Loading checks the folder before building anything: a ``lq_lora.json`` that does not parse or lacks its
+fields, a missing or truncated safetensors file, a layer whose tensors are missing or of the wrong size is
+a :class:`~lorite.errors.DamagedArtifact` naming the file (the folder cannot be repaired: quantize again).
+A folder that is not a saved LQ-LoRA model at all (no ``lq_lora.json``, another format) and a model that
+does not match the saved layers stay :class:`ValueError` (bad input).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ import torch
 from torch import nn
 
 from ...cache import atomic_directory
+from ...errors import DamagedArtifact
 from ...models import load_causal_lm
 from ..quant import QuantConfig, QuantizedTensor
 from .layers import QuantizedLinear, quantized_layers
@@ -53,28 +61,86 @@ def save_lq_lora(model: nn.Module, out: str | Path) -> Path:
     return out
 
 
+REDO = "the folder is damaged; quantize the model again (lorite quantize) into a new --out"
+
+
+def _damaged(file: Path, what: str) -> DamagedArtifact:
+    return DamagedArtifact(f"saved LQ-LoRA model: {file} {what}; {REDO}")
+
+
 def read_lq_lora_meta(path: str | Path) -> dict:
-    """The ``lq_lora.json`` of a saved LQ-LoRA model, checked."""
+    """The ``lq_lora.json`` of a saved LQ-LoRA model, checked (see the module docstring)."""
     path = Path(path)
     meta_file = path / "lq_lora.json"
     if not meta_file.exists():
         raise ValueError(f"{str(path)!r} is not a saved LQ-LoRA model (no lq_lora.json)")
-    meta = json.loads(meta_file.read_text())
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _damaged(meta_file, f"does not parse ({' '.join(str(error).split())})") from error
+    if not isinstance(meta, dict):
+        raise _damaged(meta_file, "does not hold a JSON object")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_file}: unknown format {meta.get('format')!r} (expected {FORMAT})")
+    modules = meta.get("modules")
+    if not isinstance(modules, dict) or not modules:
+        raise _damaged(meta_file, "lists no quantized layers ('modules')")
+    for name, spec in modules.items():
+        try:
+            shape = [int(n) for n in spec["shape"]]
+            QuantConfig.from_dict(spec["format"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise _damaged(meta_file, f"has a bad entry for layer {name!r} ({error})") from error
+        if len(shape) != 2 or min(shape) < 1:
+            raise _damaged(meta_file, f"gives layer {name!r} the shape {spec['shape']}")
     return meta
+
+
+def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file  # optional dependency (lorite[peft])
+
+    if not file.is_file():
+        raise _damaged(file, "is missing")
+    try:
+        return load_file(str(file))
+    except Exception as error:  # safetensors' SafetensorError (truncated, bad header) is a bare Exception
+        raise _damaged(file, f"does not load ({' '.join(str(error).split())})") from error
+
+
+def _check_adapter(folder: Path) -> None:
+    """peft's adapter folder: its config parses and its weights load (before peft builds anything)."""
+    config = folder / "adapter_config.json"
+    if not config.is_file():
+        raise _damaged(config, "is missing")
+    try:
+        json.loads(config.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _damaged(config, f"does not parse ({' '.join(str(error).split())})") from error
+    _load_safetensors(folder / "adapter_model.safetensors")
 
 
 def attach_lq_lora(model: nn.Module, path: str | Path, is_trainable: bool = True):
     """Load the adapter of a saved LQ-LoRA model onto ``model`` (the same base architecture) and replace the
     adapted layers' weights with the saved quantized ``Q``."""
     from peft import PeftModel  # optional dependency (lorite[peft]), slow to import
-    from safetensors.torch import load_file  # optional dependency (lorite[peft])
 
     path = Path(path)
     meta = read_lq_lora_meta(path)
-    tensors = load_file(str(path / "quantized.safetensors"))
+    quantized_file = path / "quantized.safetensors"
+    tensors = _load_safetensors(quantized_file)
+    _check_adapter(path / "adapter")
+    packed = {}
     for name, spec in meta["modules"].items():
+        config = QuantConfig.from_dict(spec["format"])
+        parts = {
+            part: tensors[f"{name}.{part}"]
+            for part in ("codes", "scales", "scale_codes", "scale_offset")
+            if f"{name}.{part}" in tensors
+        }
+        try:
+            packed[name] = QuantizedTensor.from_tensors(parts, tuple(spec["shape"]), config)
+        except ValueError as error:  # a layer's tensors missing or of the wrong size
+            raise _damaged(quantized_file, f"does not hold layer {name!r} ({error})") from error
         try:
             layer = model.get_submodule(name)
         except AttributeError as error:
@@ -83,16 +149,10 @@ def attach_lq_lora(model: nn.Module, path: str | Path, is_trainable: bool = True
             raise ValueError(f"{path}: layer {name!r} does not match the saved shape {spec['shape']}")
     model = PeftModel.from_pretrained(model, str(path / "adapter"), is_trainable=is_trainable)
     root = model.get_base_model()
-    for name, spec in meta["modules"].items():
-        config = QuantConfig.from_dict(spec["format"])
-        parts = {
-            part: tensors[f"{name}.{part}"]
-            for part in ("codes", "scales", "scale_codes", "scale_offset")
-            if f"{name}.{part}" in tensors
-        }
+    for name in meta["modules"]:
         layer = root.get_submodule(name)
         device = layer.base_layer.weight.device
-        quantized = QuantizedTensor.from_tensors(parts, tuple(spec["shape"]), config).to(device)
+        quantized = packed[name].to(device)
         bias = tensors.get(f"{name}.bias")
         layer.base_layer = QuantizedLinear(quantized, None if bias is None else bias.to(device))
     model.lq_lora_info = {"base_model": meta.get("base_model"), "settings": meta.get("settings")}

@@ -19,7 +19,7 @@ from ...adapters.lq_lora import (
     save_lq_lora,
     target_linears,
 )
-from ...errors import LoriteError
+from ...errors import DamagedArtifact, LoriteError
 from ...models import load_tokenizer
 from ...runtime import pick_device
 from ...tasks import calibration_batches
@@ -59,6 +59,8 @@ def prepare(model: nn.Module, config) -> nn.Module:
             raise LoriteError(f"--method-args: 'quantized' loads a finished model; drop {sorted(others)}")
         try:
             meta = read_lq_lora_meta(args["quantized"])
+        except DamagedArtifact:  # a damaged folder stays one (exit 1), not bad input
+            raise
         except ValueError as error:
             raise LoriteError(str(error)) from error
         saved_rank = (meta.get("settings") or {}).get("rank")
@@ -66,6 +68,8 @@ def prepare(model: nn.Module, config) -> nn.Module:
             raise LoriteError(f"--rank {config.rank} differs from the quantized model's rank {saved_rank}")
         try:
             return attach_lq_lora(model, args["quantized"], is_trainable=True)
+        except DamagedArtifact:
+            raise
         except ValueError as error:
             raise LoriteError(str(error)) from error
     fisher_wanted = bool(args.pop("fisher", False))
