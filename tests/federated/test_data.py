@@ -54,3 +54,16 @@ def test_bigbench_task_embedded_with_minilm(real_data):
     assert sum(task.client_sizes) + len(task.test) == 60
     with pytest.raises(LoriteError, match="different choice sets"):  # each question has its own answers
         load_federated(DataSpec(name="social_iqa", clients=2, max_examples=20))
+
+
+def test_a_damaged_partition_cache_is_rebuilt_with_a_note(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("LORITE_CACHE", str(tmp_path))
+    spec = DataSpec(clients=3, alpha=0.5, seed=11, hidden=8)
+    first = load_federated(spec)
+    path = partition_path(spec)
+    assert path.is_relative_to(tmp_path)
+    path.write_bytes(path.read_bytes()[:100])  # truncated: a torch zip archive that cannot be read
+    again = load_federated(spec)
+    assert "is damaged" in capsys.readouterr().err
+    assert torch.equal(first.test.inputs, again.test.inputs) and len(first.clients) == len(again.clients) == 3
+    assert load_federated(spec).test.inputs.shape == first.test.inputs.shape  # the rebuilt cache reads back

@@ -274,8 +274,8 @@ def embed_texts(texts: list[str], batch_size: int = 64) -> np.ndarray:
 def _text_source(task_name: str, max_examples: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     key = hashlib.sha256(f"{task_name}|{max_examples}|{ENCODER_WHEEL}".encode()).hexdigest()[:16]
     path = cache_dir() / "federated" / "embeddings" / f"{task_name.replace('/', '__')}-{key}.pt"
-    if path.exists():
-        saved = torch.load(path, weights_only=True)
+    saved = _load_cached(path, ("x", "y", "classes"))
+    if saved is not None:
         return saved["x"].numpy(), saved["y"].numpy(), list(saved["classes"])
     texts, labels, classes = _bigbench_examples(task_name, max_examples)
     print(
@@ -285,6 +285,26 @@ def _text_source(task_name: str, max_examples: int) -> tuple[np.ndarray, np.ndar
     x = embed_texts(texts)
     _atomic_torch_save({"x": torch.from_numpy(x), "y": torch.from_numpy(labels), "classes": classes}, path)
     return x, labels, classes
+
+
+def _load_cached(path: Path, keys: tuple[str, ...]) -> dict | None:
+    """A cache file's contents, or ``None`` when it is missing or damaged (then it is rebuilt: a cache is
+    never worth a failed run; stderr says so)."""
+    if not path.exists():
+        return None
+    try:
+        saved = torch.load(path, weights_only=True)
+        if not isinstance(saved, dict) or any(key not in saved for key in keys):
+            raise ValueError(
+                f"missing {[key for key in keys if key not in saved] if isinstance(saved, dict) else keys}"
+            )
+    except Exception as error:  # truncated zip, wrong content: whatever it is, the cache is rebuilt
+        print(
+            f"lorite: cache {path} is damaged ({' '.join(str(error).split())[:160]}); rebuilding it",
+            file=sys.stderr,
+        )
+        return None
+    return saved
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -316,9 +336,8 @@ def partition_path(spec: DataSpec) -> Path:
 def load_federated(spec: DataSpec) -> FederatedTask:
     """The federated task of ``spec``, its partition built once and cached."""
     path = partition_path(spec)
-    if path.exists():
-        saved = torch.load(path, weights_only=True)
-    else:
+    saved = _load_cached(path, ("clients_x", "clients_y", "test_x", "test_y", "classes"))
+    if saved is None:
         task = spec.bigbench_task
         inputs, labels, classes = _digits() if task is None else _text_source(task, spec.max_examples)
         saved = {**_split_and_partition(inputs, labels, spec), "classes": classes}
