@@ -15,9 +15,11 @@ from reference_lora_rite import ReferenceLoRARite
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+@pytest.mark.parametrize("rank", [4, 64, 128])
 @pytest.mark.parametrize("variant", ["paper", "reference"])
-def test_step_does_not_synchronise(variant):
-    model = tiny_peft().cuda()
+def test_step_does_not_synchronise(variant, rank):
+    """At every kind of rank (register Jacobi kernel at 4, global-memory kernel at 64 and 128)."""
+    model = tiny_peft(r=rank, hidden=max(32, 2 * rank)).cuda()
     opt = LoRARite.from_model(model, lr=1e-2, variant=variant)
     ids = batches(3)[0].cuda()
     for _ in range(2):  # the first steps build the plan (index tensors are copied to the device once)
@@ -143,21 +145,3 @@ def test_small_eigh_is_sync_free_and_matches_fp64_lapack(rank):
     assert ((rebuilt - V64).abs().amax(dim=(-2, -1)) / scale[:, 0]).max() < 1e-4
     eye = torch.eye(rank, dtype=torch.float64)
     assert (vectors64.mT @ vectors64 - eye).abs().max() < 1e-4
-
-
-@pytest.mark.parametrize("rank", [64, 128])
-@pytest.mark.parametrize("variant", ["paper", "reference"])
-def test_step_does_not_synchronise_at_high_rank(rank, variant):
-    model = tiny_peft(r=rank, hidden=2 * rank).cuda()
-    opt = LoRARite.from_model(model, lr=1e-2, variant=variant)
-    ids = batches(3)[0].cuda()
-    for _ in range(2):
-        lm_step(model, opt, ids)
-    model(input_ids=ids, labels=ids).loss.backward()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        opt.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert torch.isfinite(opt.diagnostics["unmagnified_grad_norm"]).item()
