@@ -20,8 +20,9 @@ def test_config_is_a_valid_comparison(path):
     grids = parse_lrs(config.get("lrs", "auto"), config["optimizers"])
     assert set(grids) == {s.label for s in specs}
     FinetuneConfig(task=config["tasks"][0], **config["training"]).validate()
-    if len(next(iter(grids.values()))) > 1:  # a grid search: at least five learning rates each
-        assert all(len(g) >= 5 for g in grids.values())
+    if len(next(iter(grids.values()))) > 1:  # a grid search: at least five learning rates each, or
+        # three around a rate chosen beforehand when a best rate at an edge widens the grid (widen >= 1)
+        assert all(len(g) >= (3 if config.get("widen", 0) >= 1 else 5) for g in grids.values())
     assert config["description"]
 
 

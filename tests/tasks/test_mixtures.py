@@ -18,9 +18,11 @@ from lorite.cli import main
 from lorite.errors import LoriteError
 from lorite.models import load_causal_lm
 from lorite.tasks import (
+    Example,
     MixtureData,
     MixtureSampler,
     MixtureSpec,
+    Task,
     TaskSpec,
     bigbench,
     check_task_specs,
@@ -32,6 +34,7 @@ from lorite.tasks import (
     parse_task_spec,
     split_examples,
 )
+from lorite.tasks.evaluation import CLASSIFICATION_MAX_LABELS, is_classification
 from lorite.tasks.mixture import capped_sizes, check_mixture_settings, macro_metrics
 from lorite.train.compare import compare, load_config
 from lorite.train.finetune import FinetuneConfig, finetune
@@ -178,7 +181,11 @@ def test_macro_metrics_average_the_members():
         "a": {"accuracy": 0.5, "acc_norm": 0.25, "score": 0.5, "n": 10},
         "b": {"rouge_l": 0.2, "exact_match": 0.1, "perplexity": 3.0, "score": 0.2, "n": 30, "samples": ["x"]},
     }
-    assert macro_metrics(per_task) == {"score": 0.35, "n": 40, "n_tasks": 2, "per_task": per_task}
+    assert macro_metrics(per_task) == {
+        "score": 0.35, "n": 40, "n_tasks": 2, "n_scored_by_exact_match": 0, "per_task": per_task,
+    }  # fmt: skip
+    per_task["b"]["score_metric"] = "exact_match"
+    assert macro_metrics(per_task)["n_scored_by_exact_match"] == 1
     both = {"a": {"score": 0.5, "rouge_l": 0.4, "n": 1}, "b": {"score": 0.1, "rouge_l": 0.2, "n": 2}}
     assert macro_metrics(both)["rouge_l"] == pytest.approx(0.3)
 
@@ -297,3 +304,81 @@ def test_a_held_out_task_that_is_also_trained_on_is_refused(tmp_path):
                                 "heldout_tasks": ["strategyqa"]}))  # fmt: skip
     with pytest.raises(LoriteError, match="held-out task 'strategyqa' is also trained on"):
         load_config(path)
+
+
+# ---------------------------------------------------------------- classification scores and transfer
+def _task(answers: list[str], kind: str = "generation") -> Task:
+    if kind == "multiple_choice":
+        examples = tuple(
+            Example(input=f"q{i}", choices=("a", "b"), correct=(0,)) for i in range(len(answers))
+        )
+    else:
+        examples = tuple(Example(input=f"q{i}", targets=(a,)) for i, a in enumerate(answers))
+    return Task(name="t", kind=kind, examples=examples)
+
+
+def test_a_generation_task_with_a_small_label_set_is_a_classification():
+    assert is_classification(_task(["Yes", "no.", "YES", "No"] * 5))  # normalised: 2 labels, 20 examples
+    assert not is_classification(_task([f"answer {i}" for i in range(200)]))  # free-form answers
+    assert not is_classification(_task(["yes", "no", "maybe", "never"] * 4))  # 16 < 5 per label
+    assert not is_classification(_task(["x"] * 30, kind="multiple_choice"))
+    labels = [f"category {chr(97 + i)}" for i in range(CLASSIFICATION_MAX_LABELS + 1)]
+    assert not is_classification(_task(labels * 10))
+    assert is_classification(_task(labels[:-1] * 10))
+
+
+def test_thirteen_natural_instructions_subtasks_are_classifications():
+    """The SNI config's exact-match subtasks (docs/results.md) — read off the real BIG-bench files."""
+    names = [n for n in bigbench.task_names() if n.startswith("natural_instructions/")]
+    tasks = bigbench.load_tasks(names)
+    found = sorted(n.split("/")[1][7:10] for n, task in tasks.items() if is_classification(task))
+    assert found == [
+        "018",
+        "019",
+        "020",
+        "021",
+        "022",
+        "027",
+        "043",
+        "046",
+        "047",
+        "050",
+        "052",
+        "056",
+        "057",
+    ]
+
+
+def test_compare_scores_every_run_on_the_held_out_tasks_and_classifications_by_exact_match(files, tmp_path):
+    base = mixture_config(
+        files, task="", steps=3, n_validation=4, n_test=6, transfer_task=files["gen"],
+        classification_score="exact_match",
+    )  # fmt: skip
+    mixture = f"{files['mc']}+{files['rows']}"
+    results = compare([mixture], ["adamw"], {"adamw": [1e-3]}, 2, base, tmp_path / "cmp", progress=False)
+    folder = tmp_path / "cmp" / task_folder(mixture) / "adamw"
+    runs = [json.loads((folder / f"lr0.001_seed{s}" / "metrics.json").read_text()) for s in (0, 1)]
+    for run in runs:
+        rows = run["test"]["per_task"][files["rows"]]  # four one-word answers: a classification
+        assert rows["score_metric"] == "exact_match" and rows["score"] == rows["exact_match"]
+        assert (
+            run["test"]["per_task"][files["mc"]]["score"] == run["test"]["per_task"][files["mc"]]["accuracy"]
+        )
+        transfer = run["transfer"]  # one task (no per_task): four one-word answers, scored by exact match
+        assert transfer["n"] == 6 and transfer["score_metric"] == "exact_match"
+        assert transfer["score"] == transfer["exact_match"]
+    info = results["tasks"][mixture]["optimizers"]["adamw"]
+    assert info["transfer_score"][0] == pytest.approx(statistics.fmean(r["transfer"]["score"] for r in runs))
+    assert set(info["transfer_per_task"]) == {files["gen"]}
+    zero = results["tasks"][mixture]["zero_shot"]["transfer"]
+    assert zero["n"] == 6 and zero["score"] == zero["exact_match"]
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "## Zero-shot transfer to held-out tasks" in report and f"| {files['gen']} |" in report
+    assert "exact match for classification tasks" in report
+
+
+def test_a_transfer_task_that_is_also_trained_on_is_refused(files):
+    with pytest.raises(LoriteError, match=r"--transfer-task .* is also trained on"):
+        finetune(mixture_config(files, transfer_task=files["rows"]), progress=False)
+    with pytest.raises(LoriteError, match="--classification-score must be one of rouge_l, exact_match"):
+        finetune(mixture_config(files, classification_score="f1"), progress=False)

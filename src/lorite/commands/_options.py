@@ -13,6 +13,7 @@ from ..models import DTYPE_CHOICES
 from ..optim import available
 from ..runtime import ENGINES, SCHEDULES
 from ..tasks import check_task_specs
+from ..tasks.evaluation import CLASSIFICATION_SCORES
 from ..tasks.mixture import DEFAULT_MAX_EXAMPLES_PER_TASK
 from ..train.finetune import FinetuneConfig
 from ..train.methods import METHODS
@@ -60,6 +61,20 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
         metavar="T",
         help="a task mixture draws member i with p ∝ n_i^(1/T), n_i its capped size: 1 proportional, "
         "inf uniform over the tasks",
+    )
+    parser.add_argument(
+        "--classification-score",
+        default="rouge_l",
+        choices=CLASSIFICATION_SCORES,
+        help="the score of a generation task whose answers form a small label set (Yes/No, categories): "
+        "rouge_l like other generation tasks, or exact_match (Super-NaturalInstructions' rule)",
+    )
+    parser.add_argument(
+        "--transfer-task",
+        default=None,
+        metavar="SPEC",
+        help="a task or mixture never trained on, scored on its test split after training (zero-shot "
+        "transfer; metrics.json 'transfer')",
     )
     parser.add_argument("--eval-every", type=int, default=0, help="validation every N steps (0: at the end)")
     parser.add_argument("--eval-batch-size", type=int, default=32, help="examples per evaluation batch")
@@ -162,6 +177,7 @@ def training_config(
         warmup_steps=args.warmup_steps, schedule=args.schedule, max_grad_norm=args.max_grad_norm,
         seed=seed, n_validation=args.n_validation, n_test=args.n_test, max_length=args.max_length,
         max_examples_per_task=args.max_examples_per_task, mixture_temperature=args.mixture_temperature,
+        classification_score=args.classification_score, transfer_task=args.transfer_task,
         eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
         checkpoint_every=getattr(args, "checkpoint_every", 0), keep_last=getattr(args, "keep_last", 1),
         device=args.device, parallel=args.parallel,

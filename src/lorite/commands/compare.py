@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 from ..cache import atomic_write_text
@@ -34,6 +35,8 @@ def run(args: argparse.Namespace) -> None:
         seeds = int(config.get("seeds", 1))
         widen = config.get("widen", args.widen)
         base = FinetuneConfig(task=tasks[0], **config.get("training", {}))
+        if config.get("heldout_tasks"):  # every run is scored on them after training (zero-shot transfer)
+            base = replace(base, transfer_task="+".join(config["heldout_tasks"]))
     else:
         if not args.tasks:
             raise LoriteError("--tasks is required (or --config FILE)")
@@ -43,7 +46,10 @@ def run(args: argparse.Namespace) -> None:
         seeds = args.seeds
         widen = args.widen
         base = training_config(args, tasks[0], optimizers[0], 0.0, 0)
-    check_names(tasks, [spec.optimizer for spec in parse_optimizers(optimizers)])
+    check_names(
+        tasks + ([base.transfer_task] if base.transfer_task else []),
+        [spec.optimizer for spec in parse_optimizers(optimizers)],
+    )
     out = Path(args.out)
     if args.report and not args.progress:
         raise LoriteError("--report goes with --progress (a finished comparison writes its own report)")

@@ -99,7 +99,9 @@ def run(args: argparse.Namespace) -> None:
         out = Path(args.out)
         check_output_dir(out, resume=False)
         config = new_run_config(args)
-        check_names([config.task], [config.optimizer])
+        check_names(
+            [config.task] + ([config.transfer_task] if config.transfer_task else []), [config.optimizer]
+        )
     if args.stop_after is not None and args.stop_after < 1:
         raise LoriteError(f"--stop-after must be a positive number of steps, got {args.stop_after}")
     with run_lock(out, "--resume" if args.resume is not None else "--out"):  # one process per run dir

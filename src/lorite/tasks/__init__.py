@@ -37,6 +37,7 @@ from .spec import (
     load_tasks,
     parse_spec,
     parse_task_spec,
+    spec_members,
 )
 from .splits import DocumentSplits, Splits, split_documents, split_examples
 from .task import Example, Task
@@ -63,6 +64,7 @@ __all__ = [
     "mixture_probabilities",
     "parse_spec",
     "parse_task_spec",
+    "spec_members",
     "split_documents",
     "split_examples",
 ]

@@ -1,7 +1,9 @@
 """Evaluation: multiple choice by per-choice log-likelihood (``accuracy``, and ``acc_norm`` with the
 log-likelihood per character of the choice, as lm-eval-harness), generation by normalised exact match and
 ROUGE-L of greedy answers and by the perplexity of the reference answers, language modelling by
-perplexity. Batched, under ``torch.no_grad``, in eval mode, in a fixed order: the same model and examples
+perplexity. A generation task whose answers come from a small label set (:func:`is_classification`:
+Yes/No, a category name) can be scored by exact match instead of ROUGE-L, as Super-NaturalInstructions
+scores its classification tasks (``classification_score="exact_match"``). Batched, under ``torch.no_grad``, in eval mode, in a fixed order: the same model and examples
 always give the same numbers."""
 
 from __future__ import annotations
@@ -64,6 +66,24 @@ def rouge_l(prediction: str, references: Iterable[str]) -> float:
 
         _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     return max(_ROUGE.score(ref, prediction)["rougeL"].fmeasure for ref in references)
+
+
+CLASSIFICATION_MAX_LABELS = 20
+"""At most this many distinct (normalised) reference answers make a generation task a classification."""
+CLASSIFICATION_SCORES = ("rouge_l", "exact_match")
+"""What ``score`` is for a classification task (:func:`evaluate_task`); generation is always ROUGE-L."""
+
+
+def is_classification(task: Task, max_labels: int = CLASSIFICATION_MAX_LABELS) -> bool:
+    """Whether ``task`` is a generation task whose answers form a label set: its examples' first
+    references take at most ``max_labels`` distinct normalised values, each used by at least five examples
+    on average (so a small task of free-form answers is not taken for one). Read off all the task's
+    examples, so every split of a task is scored alike."""
+    if task.kind != "generation":
+        return False
+    answers = [normalize_answer(ex.targets[0]) for ex in task.examples if ex.targets]
+    labels = len(set(answers))
+    return 0 < labels <= max_labels and len(answers) >= 5 * labels
 
 
 def predicted_choices(scores: list[list[float]]) -> list[int]:
@@ -211,13 +231,24 @@ def answer_perplexity(
 
 
 def evaluate_task(
-    model, tokenizer, task: Task, examples: list[Example], batch_size: int = 16, progress=False
+    model,
+    tokenizer,
+    task: Task,
+    examples: list[Example],
+    batch_size: int = 16,
+    progress=False,
+    classification_score: str = "rouge_l",
 ) -> dict:
     """Task metrics: ``accuracy`` and ``acc_norm`` for multiple choice; ``exact_match``, ``rouge_l`` and
-    the references' ``perplexity`` for generation. ``score`` is the one used to pick learning rates
-    (accuracy, or ROUGE-L)."""
+    the references' ``perplexity`` for generation. ``score`` is the one used to pick learning rates:
+    accuracy, or ROUGE-L — or, with ``classification_score="exact_match"``, exact match for a generation
+    task that :func:`is_classification`; ``score_metric`` names it."""
     if not examples:
         return {}
+    if classification_score not in CLASSIFICATION_SCORES:
+        raise ValueError(
+            f"classification_score must be one of {', '.join(CLASSIFICATION_SCORES)}, got {classification_score!r}"
+        )
     if task.kind == "multiple_choice":
         scores = choice_log_likelihoods(model, tokenizer, task, examples, batch_size, progress=progress)
         correct = [ex.correct for ex in examples]
@@ -241,9 +272,10 @@ def evaluate_task(
     em = sum(exact_match(a, ex.targets) for a, ex in zip(answers, examples)) / len(examples)
     rouge = sum(rouge_l(a, ex.targets) for a, ex in zip(answers, examples)) / len(examples)
     ppl = answer_perplexity(model, tokenizer, task, examples, batch_size)
+    by = "exact_match" if classification_score == "exact_match" and is_classification(task) else "rouge_l"
     return {
-        "exact_match": em, "rouge_l": rouge, "perplexity": ppl, "score": rouge, "n": len(examples),
-        "samples": answers[:5], "answer_shares": answer_shares(answers),
+        "exact_match": em, "rouge_l": rouge, "perplexity": ppl, "score": em if by == "exact_match" else rouge,
+        "score_metric": by, "n": len(examples), "samples": answers[:5], "answer_shares": answer_shares(answers),
     }  # fmt: skip
 
 
@@ -272,6 +304,7 @@ __all__ = [
     "evaluate_task",
     "exact_match",
     "generate_answers",
+    "is_classification",
     "length_normalized",
     "normalize_answer",
     "perplexity",

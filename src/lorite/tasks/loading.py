@@ -112,15 +112,24 @@ def load_task_data(
 
 
 def evaluate_split(
-    model, tokenizer, data: TaskData | MixtureData, split: str, batch_size: int = 32, progress: bool = False
+    model,
+    tokenizer,
+    data: TaskData | MixtureData,
+    split: str,
+    batch_size: int = 32,
+    progress: bool = False,
+    classification_score: str = "rouge_l",
 ) -> dict:
     """Metrics of ``model`` on ``split`` ("validation" or "test") of ``data``; ``score`` is the number
-    learning rates are chosen by (accuracy, ROUGE-L, or −perplexity; of a mixture the macro mean over its
+    learning rates are chosen by (accuracy, ROUGE-L — or exact match for classification with
+    ``classification_score="exact_match"`` —, or −perplexity; of a mixture the macro mean over its
     members, each member's metrics under ``per_task``)."""
     if isinstance(data, MixtureData):
         return macro_metrics(
             {
-                name: evaluate_split(model, tokenizer, member, split, batch_size, progress)
+                name: evaluate_split(
+                    model, tokenizer, member, split, batch_size, progress, classification_score
+                )
                 for name, member in data.members.items()
             }
         )
@@ -128,7 +137,10 @@ def evaluate_split(
     if data.kind == "language_model":
         value = perplexity(model, examples, batch_size=max(1, batch_size // 4))
         return {"perplexity": value, "score": -value, "n_tokens": int(examples.numel())}
-    return evaluate_task(model, tokenizer, data.task, examples, batch_size, progress=progress)
+    return evaluate_task(
+        model, tokenizer, data.task, examples, batch_size, progress=progress,
+        classification_score=classification_score,
+    )  # fmt: skip
 
 
 def heldout_blocks(tokenizer, corpus: str = "shakespeare", block_length: int = 512, n_blocks: int = 16):

@@ -136,5 +136,6 @@ def macro_metrics(per_task: dict[str, dict]) -> dict:
         "score": statistics.fmean(m["score"] for m in scored.values()),
         "n": sum(int(m.get("n", 0)) for m in scored.values()),
         "n_tasks": len(scored),
+        "n_scored_by_exact_match": sum(m.get("score_metric") == "exact_match" for m in scored.values()),
         "per_task": per_task,
     }

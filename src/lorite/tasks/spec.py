@@ -123,6 +123,12 @@ def parse_spec(spec: str | TaskSpec | MixtureSpec) -> TaskSpec | MixtureSpec:
     return MixtureSpec(tuple(members))
 
 
+def spec_members(spec: str | TaskSpec | MixtureSpec) -> tuple[TaskSpec, ...]:
+    """The single tasks of ``spec``: a mixture's members (globs expanded), or the task itself."""
+    parsed = parse_spec(spec)
+    return parsed.members if isinstance(parsed, MixtureSpec) else (parsed,)
+
+
 def _short(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 

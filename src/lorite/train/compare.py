@@ -45,7 +45,7 @@ from ..cache import atomic_write_text
 from ..errors import LoriteError
 from ..optim import available
 from ..runtime import check_output_dir
-from ..tasks import MixtureSpec, parse_spec
+from ..tasks import spec_members
 from .finetune import FinetuneConfig, evaluate_model, finetune
 from .report import task_folder, write_report
 
@@ -413,6 +413,9 @@ def compare(
                     elif pending_grid[run.task] == 0:  # this task's grid is complete: its seeds next
                         queue = ahead + [r for r in schedule.seed_runs(run.task) if r not in results] + behind
     baseline = {task: _zero_shot(replace(base, task=task), progress) for task in tasks} if zero_shot else {}
+    if zero_shot and base.transfer_task:  # the base model on the held-out tasks: what transfer starts from
+        for task in tasks:
+            baseline[task]["transfer"] = _zero_shot(replace(base, task=base.transfer_task), progress)["test"]
     results = _summarise(tasks, specs, schedule.task_grids, seeds, results, schedule.best, baseline, base)
     atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=str))
     write_report(results, out)
@@ -699,6 +702,18 @@ def _summarise(tasks, specs, grids, seeds, runs, best, baseline, base) -> dict:
                 "validation_curves": [r.get("history", {}).get("validation", {}) for r in chosen],
                 "diverged_lrs": [g for g, r in grid_runs.items() if r.get("diverged")],
             }
+            transfers = [r["transfer"] for r in chosen if r.get("transfer")]
+            if transfers:  # zero-shot transfer to tasks no run trained on (FinetuneConfig.transfer_task)
+                entry["optimizers"][spec.label]["transfer_score"] = _mean_std(
+                    [t.get("score") for t in transfers]
+                )
+                members = transfers[0].get("per_task", {base.transfer_task: None})  # a single task: itself
+                entry["optimizers"][spec.label]["transfer_per_task"] = {
+                    member: _mean_std(
+                        [t.get("per_task", {member: t}).get(member, {}).get("score") for t in transfers]
+                    )
+                    for member in members
+                }
             if any("per_task" in r.get("test", {}) for r in chosen):  # a mixture: every member's test score
                 members = next(r["test"]["per_task"] for r in chosen if "per_task" in r.get("test", {}))
                 entry["optimizers"][spec.label]["test_per_task"] = {
@@ -746,20 +761,14 @@ def load_config(path: str | Path) -> dict:
     bad = set(config.get("training", {})) - fields
     if bad:
         raise LoriteError(f"--config {str(path)!r}: unknown training settings {sorted(bad)}")
-    trained = {member for task in config.get("tasks", []) for member in _members(task)}
+    trained = {member for task in config.get("tasks", []) for member in spec_members(task)}
     for heldout in config.get("heldout_tasks", []):
-        overlap = [str(member) for member in _members(heldout) if member in trained]
+        overlap = [str(member) for member in spec_members(heldout) if member in trained]
         if overlap:
             raise LoriteError(
                 f"--config {str(path)!r}: held-out task {overlap[0]!r} is also trained on (tasks)"
             )
     return config
-
-
-def _members(task: str) -> tuple:
-    """The single tasks of ``task`` (a mixture's members), parsed."""
-    spec = parse_spec(task)
-    return spec.members if isinstance(spec, MixtureSpec) else (spec,)
 
 
 def prepare_output(out: Path) -> None:

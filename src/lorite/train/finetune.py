@@ -35,8 +35,9 @@ from ..runtime import (
     seed_everything,
     setup,
 )
-from ..tasks import MixtureData, TaskData, evaluate_split, load_task_data
+from ..tasks import MixtureData, TaskData, evaluate_split, load_task_data, spec_members
 from ..tasks.encoding import collate, lm_loss
+from ..tasks.evaluation import CLASSIFICATION_SCORES
 from ..tasks.mixture import (
     DEFAULT_MAX_EXAMPLES_PER_TASK,
     MixtureSampler,
@@ -93,6 +94,12 @@ class FinetuneConfig:
     mixture_temperature: float = 1.0
     n_validation: int = 200
     n_test: int = 400
+    # what `score` is for a generation task whose answers form a small label set (Yes/No, categories):
+    # rouge_l (as every other generation task) or exact_match (Super-NaturalInstructions' rule)
+    classification_score: str = "rouge_l"
+    # a task or mixture the run never trains on, scored after test on its test split (zero-shot transfer);
+    # compare sets it from a config's heldout_tasks
+    transfer_task: str | None = None
     max_length: int = 512
     eval_every: int = 0  # validation every N steps (0: only at the end)
     eval_batch_size: int = 32
@@ -128,6 +135,16 @@ class FinetuneConfig:
         get_method(self.method)
         check_report_to(self.report_to)
         check_mixture_settings(self.max_examples_per_task, self.mixture_temperature)
+        if self.classification_score not in CLASSIFICATION_SCORES:
+            raise LoriteError(
+                f"--classification-score must be one of {', '.join(CLASSIFICATION_SCORES)}, "
+                f"got {self.classification_score!r}"
+            )
+        if self.transfer_task is not None:
+            trained = set(spec_members(self.task))
+            overlap = [str(member) for member in spec_members(self.transfer_task) if member in trained]
+            if overlap:
+                raise LoriteError(f"--transfer-task {overlap[0]!r} is also trained on (--task)")
         if self.parallel not in ENGINES:
             raise LoriteError(f"--parallel must be one of {', '.join(ENGINES)}, got {self.parallel!r}")
         if self.dtype not in DTYPE_CHOICES:
@@ -202,7 +219,10 @@ def base_dtype(config: FinetuneConfig, device: torch.device) -> str:
 
 def evaluate(model, tokenizer, data: TaskData, split: str, config: FinetuneConfig, progress: bool) -> dict:
     """:func:`lorite.tasks.evaluate_split` at ``config.eval_batch_size``."""
-    return evaluate_split(model, tokenizer, data, split, config.eval_batch_size, progress=progress)
+    return evaluate_split(
+        model, tokenizer, data, split, config.eval_batch_size, progress=progress,
+        classification_score=config.classification_score,
+    )  # fmt: skip
 
 
 def evaluate_model(config: FinetuneConfig, adapter: str | Path | None = None, progress: bool = False) -> dict:
@@ -390,6 +410,14 @@ def finetune(
         if not config.skip_test:
             results["test"] = evaluate_split("test", progress)
             log.evaluation(config.steps, "test", results["test"])
+            if config.transfer_task is not None:  # tasks never trained on: their test split, zero-shot
+                began = time.perf_counter()
+                transfer = data_for(replace(config, task=config.transfer_task), tokenizer, encode_train=False)
+                results["transfer"] = evaluate_on_all_ranks(
+                    model, tokenizer, transfer, "test", config, progress, world
+                )
+                evaluating += time.perf_counter() - began
+                log.evaluation(config.steps, "transfer", results["transfer"])
     log.close()
     results["world_size"] = world.size
     results["seconds_evaluating"] = evaluating

@@ -75,6 +75,44 @@ def _per_task_tables(tasks: dict[str, Any], optimizers: list[str]) -> list[str]:
     return lines
 
 
+def _transfer_tables(tasks: dict[str, Any], optimizers: list[str]) -> list[str]:
+    """Zero-shot transfer (FinetuneConfig.transfer_task): each held-out task's test score of the adapters
+    trained on each task (mean ± std over the seeds at the chosen lr) next to the base model's."""
+    lines: list[str] = []
+    for task, entry in tasks.items():
+        infos = [entry["optimizers"][name] for name in optimizers]
+        if not any("transfer_score" in info for info in infos):
+            continue
+        zero = (entry.get("zero_shot") or {}).get("transfer") or {}
+        members = next((info["transfer_per_task"] for info in infos if "transfer_per_task" in info), {})
+        lines += [
+            f"### trained on {_task_label(task, entry)}",
+            "",
+            "| held-out task | zero-shot | " + " | ".join(optimizers) + " |",
+            "|---|---|" + "---|" * len(optimizers),
+        ]
+        for member in members:
+            zero_member = zero.get("per_task", {member: zero} if zero else {}).get(member)
+            zero_text = f"{100 * zero_member['score']:.1f}" if zero_member else "—"
+            cells = [
+                _fmt(info["transfer_per_task"][member])
+                if member in info.get("transfer_per_task", {})
+                else "—"
+                for info in infos
+            ]
+            lines.append(f"| {member} | {zero_text} | " + " | ".join(cells) + " |")
+        zero_macro = zero.get("score")
+        lines.append(
+            f"| **macro mean** | {'—' if zero_macro is None else f'{100 * zero_macro:.1f}'} | "
+            + " | ".join(_fmt(info["transfer_score"]) if "transfer_score" in info else "—" for info in infos)
+            + " |"
+        )
+        lines.append("")
+    if lines:
+        lines = ["## Zero-shot transfer to held-out tasks (test, never trained or selected on)", "", *lines]
+    return lines
+
+
 def _smooth(values: list[float], window: int) -> list[float]:
     out, total = [], 0.0
     for i, v in enumerate(values):
@@ -91,6 +129,8 @@ def write_report(results: dict[str, Any], out: Path) -> list[Path]:
     tasks = results["tasks"]
     optimizers = list(next(iter(tasks.values()))["optimizers"])
     metric_note = "accuracy (multiple choice) or ROUGE-L (generation), ×100; perplexity for corpora (negated)"
+    if results.get("config", {}).get("classification_score") == "exact_match":
+        metric_note += "; exact match for classification tasks (a small label set of answers)"
     lines = [
         "# lorite compare",
         "",
@@ -117,7 +157,7 @@ def write_report(results: dict[str, Any], out: Path) -> list[Path]:
             + " | ".join(f"{100 * sum(v) / len(v):.1f}" for v in averages.values())
             + " |"
         )
-    lines += ["", *_per_task_tables(tasks, optimizers)]
+    lines += ["", *_per_task_tables(tasks, optimizers), *_transfer_tables(tasks, optimizers)]
     lines += ["", "## Best learning rates and validation grids", ""]
     for task, entry in tasks.items():
         lines += [

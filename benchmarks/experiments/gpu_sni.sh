@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The GPU session of the Super-NaturalInstructions mixture comparison (docs/results.md, "Multi-task
+# instruction tuning"): benchmarks/configs/sni_mixture.json on the real SmolLM2-135M-Instruct.
+#
+# The device machine has no network, so the model and the 61 BIG-bench natural_instructions task files
+# travel in three calls (each call carries at most 64 MiB), each within 30 s of the last:
+#   1. carry .gpu/a:             mkdir -p /tmp/stage && cp .gpu/a/part_00 /tmp/stage/
+#   2. carry .gpu/bb:            bash benchmarks/experiments/gpu_sni.sh data
+#   3. carry .gpu/b .gpu/whl:    bash benchmarks/experiments/gpu_sni.sh run [SECONDS] [jacobi]
+# (.gpu/whl also holds the wheels of rouge_score 0.1.2 (`pip wheel` of its sdist), nltk and defusedxml.)
+# (.gpu/a, .gpu/b, .gpu/whl from ../shared/tools/gpu-stage; .gpu/bb/ni.tar.xz is
+#  `tar cf - tasks/natural_instructions__* | xz` of ~/.cache/lorite/bigbench.)
+# With `jacobi` the same call also runs benchmarks/speed/gpu_jacobi.sh (issue 24): its tests beside the
+# comparison (they check values and synchronisation, not time), its timings after it, on the idle GPU.
+# `run` again on the warm machine resumes the comparison from its finished runs (lorite compare does);
+# on a cold one, the finished runs' metrics committed in docs/results/sni_mixture_runs seed it
+# (gpu_experiments.sh). Everything but adapters and checkpoints comes back as $OUT/runs.tgz.
+set -u
+cd "$(dirname "$0")/../.."  # the repo root
+export LORITE_CACHE=/tmp/lc RUNS=/tmp/runs JOBS=${JOBS:-14} PYTHONUNBUFFERED=1
+case ${1:-run} in
+  data)
+    mkdir -p "$LORITE_CACHE/bigbench" && tar xJf .gpu/bb/ni.tar.xz -C "$LORITE_CACHE/bigbench"
+    ls "$LORITE_CACHE/bigbench/tasks" | wc -l
+    ;;
+  run)
+    seconds=${2:-520}
+    if [ ! -f /tmp/stage/converted ]; then
+      cat /tmp/stage/part_00 .gpu/b/part_01 > /tmp/stage/smol.gguf \
+        && (cd /tmp/stage && sha256sum -c "$OLDPWD/.gpu/b/SHA256SUMS") || exit 1
+    fi
+    # .gpu/whl: gguf (gpu-stage) and what the image lacks for evaluation: rouge_score, nltk, defusedxml
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD/src
+    # fail in seconds, not after the first training steps, when an evaluation dependency is missing
+    python3 -c "from lorite.tasks.evaluation import rouge_l; assert rouge_l('a b c', ['a b c']) == 1.0" || exit 1
+    # the default model's cache entry, converted once from the staged file (no download there)
+    python3 - <<'PY' || exit 1
+from pathlib import Path
+from lorite.cache import cache_dir
+from lorite.models.loading import DEFAULT_MODEL, _convert_gguf
+target = cache_dir() / "models" / DEFAULT_MODEL
+if not (target / "config.json").exists():
+    _convert_gguf(Path("/tmp/stage/smol.gguf"), target)
+Path("/tmp/stage/converted").touch()
+print("model:", target)
+PY
+    nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+    if [ "${3:-}" = jacobi ]; then
+      (PART=tests OUT=$OUT/jacobi benchmarks/speed/gpu_jacobi.sh >/dev/null 2>&1 &)
+    fi
+    timeout "$seconds" benchmarks/experiments/gpu_experiments.sh sni_mixture
+    echo "compare rc=$? (124: stopped by the time limit; it resumes from the finished runs)"
+    grep -v "it/s" "$RUNS/sni_mixture.log" | tail -n 30
+    if [ "${3:-}" = jacobi ]; then
+      PART=timings OUT=$OUT/jacobi benchmarks/speed/gpu_jacobi.sh
+      tail -n 25 "$OUT/jacobi/tests.txt"
+    fi
+    benchmarks/experiments/gpu_progress.sh
+    ;;
+esac
