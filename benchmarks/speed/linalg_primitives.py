@@ -5,11 +5,15 @@ on the Gemma-2B LoRA shapes (r=16). Informs lorite.optim._linalg's choices on GP
     python benchmarks/speed/linalg_primitives.py --eigh-ranks 4,8,16,32,64   # eigh cost against the rank
     python benchmarks/speed/linalg_primitives.py --jacobi-warps 16,32,64      # the Jacobi kernel's num_warps
     python benchmarks/speed/linalg_primitives.py --host-threads 32,64         # host LAPACK by thread count
+    python benchmarks/speed/linalg_primitives.py --jacobi-methods 32,64,128,256  # two- vs one-sided, cold/warm
+    TRITON_INTERPRET=1 python benchmarks/speed/linalg_primitives.py --jacobi-methods 48 --matrices 2  # CPU check
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 from optimizer_step import timed  # (it puts the harness and src/ on sys.path)
@@ -127,13 +131,95 @@ def host_threads(ranks: list[int], matrices: int = 420) -> None:
             print(f"| {r} | {threads} | {eigh:.1f} | {values:.1f} |", flush=True)
 
 
+def _warm_stack(cold: torch.Tensor, relative_noise: float = 1e-3) -> torch.Tensor:
+    """What a warm-started step feeds the solver: ``Eᵀ(V + N)E`` with ``E`` the float64 eigenvectors of
+    ``V`` and ``N`` a symmetric noise of ``relative_noise·‖V‖_F`` (the step's change of ``V``)."""
+    V = cold.double()
+    E = torch.linalg.eigh(V)[1]
+    noise = torch.randn_like(V)
+    noise = noise + noise.mT
+    noise *= relative_noise * V.norm(dim=(1, 2), keepdim=True) / noise.norm(dim=(1, 2), keepdim=True)
+    return (E.mT @ (V + noise) @ E).float()
+
+
+def _timed_calls(fn, device: torch.device, budget_ms: float = 1500.0, steps: int = 10):
+    """``fn()``'s result after one untimed call (compilation, warm-up), then the median ms of up to ``steps``
+    timed calls, fewer once ``budget_ms`` is spent (the slow cold r = 256 cases get one or two)."""
+    result = fn()
+    samples: list[float] = []
+    while len(samples) < steps and sum(samples) < budget_ms:
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:  # Triton's interpreter (TRITON_INTERPRET=1): one call shows that it runs
+            began = time.perf_counter()
+            fn()
+            samples.append(1e3 * (time.perf_counter() - began))
+            break
+    return result, statistics.median(samples)
+
+
+def jacobi_methods(ranks: list[int], matrices: int = 420, warps: list[int] | None = None) -> None:
+    """Two-sided (scratch) against one-sided (Hestenes) global-memory Jacobi, ``matrices`` per call, on cold
+    random PSD matrices (as ``_psd_stacks``) and warm ones (``_warm_stack``: the input in a near-eigenbasis),
+    at each ``num_warps``: median ms, mean sweeps done (early exit), and the largest eigenvalue error
+    relative to ``‖V‖₂`` against float64 ``torch.linalg.eigh`` of the same fp32 input."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (Triton interpreter)"
+    print(f"{name}  torch {torch.__version__}; {matrices} matrices per call; tol = sqrt(n)*eps")
+    header = "| r | input | method | num_warps | ms | mean sweeps (cap) | max eigenvalue error / ‖V‖₂ |"
+    print(header + "\n" + "|---" * header.count("|", 1) + "|", flush=True)
+    generator = torch.Generator().manual_seed(0)
+    for r in ranks:
+        x = torch.randn(matrices, r, r, generator=generator)
+        cold = x @ x.mT / r
+        inputs = {"cold": cold, "warm": _warm_stack(cold)}
+        n = max(16, 1 << (r - 1).bit_length())
+        for label, V in inputs.items():
+            exact = torch.linalg.eigvalsh(V.double())
+            scale = exact.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30)
+            V = V.to(device)
+            for method in _jacobi.METHODS:
+                cap = _jacobi._sweeps(n) if method == "two_sided" else _jacobi._one_sided_sweeps(n)
+                for w in warps or ((1, 4, 8) if r <= 64 else (4, 8)):
+                    done = torch.zeros(matrices, dtype=torch.int32, device=device)
+
+                    def call(V=V, method=method, w=w, done=done):
+                        return _jacobi.jacobi_eigh(V, num_warps=w, method=method, sweeps_done=done)
+
+                    (values, _), ms = _timed_calls(call, device)
+                    error = ((values.cpu().double().sort(-1).values - exact).abs() / scale).max().item()
+                    sweeps = done.float().mean().item()
+                    print(
+                        f"| {r} | {label} | {method} | {w} | {ms:.3f} | {sweeps:.2f} ({cap}) | {error:.1e} |",
+                        flush=True,
+                    )
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--eigh-ranks", default=None, help="comma-separated ranks: time eigh against r only")
     parser.add_argument("--jacobi-warps", default=None, help="comma-separated ranks: the kernel's num_warps")
     parser.add_argument("--host-threads", default=None, help="comma-separated ranks: host eigh by threads")
+    parser.add_argument(
+        "--jacobi-methods",
+        default=None,
+        help="comma-separated ranks: one- vs two-sided Jacobi, cold and warm",
+    )
+    parser.add_argument("--matrices", type=int, default=420, help="matrices per call (--jacobi-methods)")
+    parser.add_argument("--warps", default=None, help="comma-separated num_warps (--jacobi-methods)")
     args = parser.parse_args()
-    if args.host_threads:
+    if args.jacobi_methods:
+        jacobi_methods(
+            [int(r) for r in args.jacobi_methods.split(",")],
+            args.matrices,
+            [int(w) for w in args.warps.split(",")] if args.warps else None,
+        )
+    elif args.host_threads:
         host_threads([int(r) for r in args.host_threads.split(",")])
     elif args.jacobi_warps:
         jacobi_warps([int(r) for r in args.jacobi_warps.split(",")])

@@ -352,7 +352,7 @@ def test_thirteen_natural_instructions_subtasks_are_classifications():
 def test_compare_scores_every_run_on_the_held_out_tasks_and_classifications_by_exact_match(files, tmp_path):
     base = mixture_config(
         files, task="", steps=3, n_validation=4, n_test=6, transfer_task=files["gen"],
-        classification_score="exact_match",
+        classification_score="exact_match", eval_every=2,
     )  # fmt: skip
     mixture = f"{files['mc']}+{files['rows']}"
     results = compare([mixture], ["adamw"], {"adamw": [1e-3]}, 2, base, tmp_path / "cmp", progress=False)
@@ -375,6 +375,9 @@ def test_compare_scores_every_run_on_the_held_out_tasks_and_classifications_by_e
     report = (tmp_path / "cmp" / "report.md").read_text()
     assert "## Zero-shot transfer to held-out tasks" in report and f"| {files['gen']} |" in report
     assert "exact match for classification tasks" in report
+    plot = f"validation_{task_folder(mixture)}.png"  # the curves at the best lr: steps 2 and 3
+    assert (tmp_path / "cmp" / plot).is_file() and f"({plot})" in report
+    assert [p["step"] for p in info["validation_curves"][0]] == [2, 3]
 
 
 def test_a_transfer_task_that_is_also_trained_on_is_refused(files):

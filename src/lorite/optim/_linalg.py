@@ -63,7 +63,7 @@ def triangular_inverse(R: torch.Tensor, full_rank: torch.Tensor) -> torch.Tensor
     return masked(full_rank, torch.linalg.solve_triangular(safe, eye, upper=True), 0.0)
 
 
-def _eigh_route(V: torch.Tensor) -> str:
+def eigh_route(V: torch.Tensor) -> str:
     """Which solver :func:`eigh_small` uses for ``V``: ``"jacobi"`` or ``"torch"``."""
     from . import _jacobi  # lazy: _jacobi imports Triton where it is installed (slow to import)
 
@@ -85,7 +85,7 @@ def eigh_small(V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     Eigenvalues are not sorted on the Triton path; sort them where order matters.
     """
-    if _eigh_route(V) == "jacobi":
+    if eigh_route(V) == "jacobi":
         from . import _jacobi  # lazy: _jacobi imports Triton where it is installed (slow to import)
 
         return _jacobi.jacobi_eigh(V)
@@ -95,7 +95,7 @@ def eigh_small(V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def eigvalsh_small(V: torch.Tensor) -> torch.Tensor:
     """Eigenvalues (unsorted on the Jacobi path) of a stack of small symmetric matrices; routes as
     :func:`eigh_small`."""
-    if _eigh_route(V) == "jacobi":
+    if eigh_route(V) == "jacobi":
         from . import _jacobi  # lazy: _jacobi imports Triton where it is installed (slow to import)
 
         return _jacobi.jacobi_eigh(V)[0]

@@ -45,6 +45,7 @@ _SMALL_STATE = (
     "eigenvalues",
     "escaped_mass",
     "basis_inverse",
+    "eigenvectors",
 )  # one buffer per plan
 _STATE_KEYS = _SMALL_STATE + _BIG_STATE
 
@@ -94,6 +95,11 @@ class _CapturedStep:
     grads: list[torch.Tensor]
     lrs: list[torch.Tensor]
 
+
+_WARM_START_CONDITIONING = 1e-3
+"""A warm basis ``W = PE`` is used when ``min/max |R_ii|`` of its Cholesky QR exceeds this (cond(W) ≲ 1e3;
+orthonormalised in float64, so it is orthogonal to fp32 roundoff). A ``W`` that ill conditioned says the
+factor's basis turned sharply, and such a start would not save sweeps anyway."""
 
 _EAGER_STEPS_BEFORE_CAPTURE = 2  # the first steps compile the Triton kernels and build every buffer
 
@@ -169,7 +175,11 @@ class LoRARite(PairOptimizer):
     eigendecompositions use lorite's Triton Jacobi kernels on CUDA at every rank (``torch.linalg.eigh``
     synchronises with the host; see ``_linalg.eigh_small``), so ``step()`` reads no tensor value on the
     host (``tests/gpu`` checks it with ``torch.cuda.set_sync_debug_mode("error")``) and overlaps the
-    backward pass instead of waiting for it.
+    backward pass instead of waiting for it. There the eigenproblems are warm started: the previous
+    step's eigenvectors ``E`` of ``V`` (kept in the state, ``r × r`` per factor), carried into the new basis
+    as ``PE`` and orthonormalised, nearly diagonalise both ``PVPᵀ`` and the new ``V``, so the Jacobi
+    kernels' early exit stops after a sweep or two (``_eigenbasis``; :attr:`warm_start` turns it on or
+    off anywhere, by default on where the Jacobi kernels run).
 
     CUDA graphs: the step is a few hundred small kernels, so at low rank it is bound by their launches,
     not by the GPU. With ``cuda_graph=True`` (CUDA only; ignored on CPU) the optimizer captures its pair
@@ -263,6 +273,9 @@ class LoRARite(PairOptimizer):
         self.cuda_graph = bool(cuda_graph)
         self._captured: _CapturedStep | None = None
         self._eager_steps = 0  # eager steps since the captured graph last stopped matching
+        # warm-started eigendecompositions (see _eigenbasis): None = where the Jacobi kernels run (CUDA),
+        # whose early exit makes a nearly diagonal matrix cheap; LAPACK's cost does not depend on it
+        self.warm_start: bool | None = None
         super().__init__(params, VARIANT_LR[variant] if lr is None else lr, hparams, **fallback)
 
     def _validate_pair_group(self, group: dict[str, Any], where: str) -> None:
@@ -352,6 +365,8 @@ class LoRARite(PairOptimizer):
             "eigenvalues": lambda rows: torch.zeros(rank, **zeros),  # of V, for the next escaped mass
             "escaped_mass": lambda rows: torch.zeros((), **zeros),  # ρ
             "basis_inverse": lambda rows: torch.zeros(rank, rank, **zeros),  # R⁻¹ of the previous factor
+            # of V: the next step's warm start (0 = none yet: that step starts cold)
+            "eigenvectors": lambda rows: torch.zeros(rank, rank, **zeros),
             "first_moment": lambda rows: torch.zeros(rank, rows, **zeros),  # Mᵀ, in the partner's basis
             "basis": lambda rows: torch.zeros(rank, rows, **zeros),  # the factor (wide) at its last update
         }
@@ -543,9 +558,15 @@ class LoRARite(PairOptimizer):
 
         V_rotated = _linalg.symmetrize(P @ buffers["second_moment"] @ P.mT)
         V = _linalg.symmetrize(b2[:, None, None] * V_rotated + scale[:, None, None] * items["gram"])
-        eigenvalues, eigenvectors = _linalg.eigh_small(V)
+        basis = self._eigenbasis(P, buffers["eigenvectors"], V)
+        if basis is None:
+            eigenvalues, eigenvectors = _linalg.eigh_small(V)
+        else:  # V in the warm basis is nearly diagonal: a sweep or two of Jacobi
+            eigenvalues, rotation_in_basis = _linalg.eigh_small(_linalg.symmetrize(basis.mT @ V @ basis))
+            eigenvectors = basis @ rotation_in_basis
         if group["escape_mass"]:  # the eigenvalues of the previous V are kept from its own decomposition
-            shift = _linalg.eigenvalue_shift(buffers["eigenvalues"], _linalg.eigvalsh_small(V_rotated))
+            rotated = V_rotated if basis is None else _linalg.symmetrize(basis.mT @ V_rotated @ basis)
+            shift = _linalg.eigenvalue_shift(buffers["eigenvalues"], _linalg.eigvalsh_small(rotated))
             rho = torch.where(ok, b2 * (buffers["escaped_mass"] + shift), buffers["escaped_mass"])
         else:
             rho = torch.zeros_like(b2)
@@ -584,8 +605,34 @@ class LoRARite(PairOptimizer):
         buffers["basis_inverse"].copy_(_linalg.masked(ok, items["R_inv"], buffers["basis_inverse"]))
         buffers["second_moment"].copy_(V)
         buffers["eigenvalues"].copy_(_linalg.masked(ok, eigenvalues, buffers["eigenvalues"]))
+        buffers["eigenvectors"].copy_(_linalg.masked(ok, eigenvectors, buffers["eigenvectors"]))
         buffers["escaped_mass"].copy_(rho)
         buffers["step"].add_(ok.to(torch.float32))
+
+    def _eigenbasis(self, P: torch.Tensor, previous: torch.Tensor, V: torch.Tensor) -> torch.Tensor | None:
+        """The warm start of this step's eigendecompositions, or None (cold: where :attr:`warm_start` is
+        off, by default everywhere but the Jacobi kernels' CUDA route).
+
+        The previous ``V = E Λ Eᵀ`` moves to the new basis as ``P V Pᵀ``, whose eigenvectors are ``PE``
+        (exactly when ``P`` is orthogonal; ``P = QᵀQ'`` is close to it while the factor turns slowly), and
+        ``β̂2`` close to 1 changes ``V`` little more. So ``W = PE``, orthonormalised (``W R⁻¹`` with
+        ``RᵀR = WᵀW``, the Cholesky QR of ``_linalg``), nearly diagonalises both ``PVPᵀ`` and the new ``V``:
+        their decompositions in that basis take the Jacobi kernels one or two sweeps instead of ten
+        (their early exit, ``_jacobi``). The eigenvalues are those of ``V`` itself (the basis is
+        orthonormal) and the eigenvectors are ``W`` times those of ``WᵀVW``. Where ``W`` is not well
+        conditioned (the first step, with no ``E`` yet; a factor that turned sharply) the basis is the
+        identity: a cold start for that matrix."""
+        warm = self.warm_start
+        if warm is None:
+            warm = _linalg.eigh_route(V) == "jacobi"
+        if not warm:
+            return None
+        W = (P @ previous).double()  # float64: the orthonormalised basis is orthogonal to the data's roundoff
+        R, ok = _linalg.cholesky_factor(
+            W.mT @ W, tolerance_dtype=V.dtype, relative_tolerance=_WARM_START_CONDITIONING
+        )
+        orthonormal = (W @ _linalg.triangular_inverse(R, ok)).to(V.dtype)
+        return _linalg.masked(ok, orthonormal, torch.eye(W.shape[-1], dtype=V.dtype, device=V.device))
 
     def _store(self, bucket: _Bucket, M: torch.Tensor, X: torch.Tensor, ok: torch.Tensor) -> None:
         """Keep the new first moment, and the factor as it was this step (the next step's basis). On CUDA

@@ -178,6 +178,37 @@ def write_report(results: dict[str, Any], out: Path) -> list[Path]:
     return plots
 
 
+def _validation_plot(plt, task: str, entry: dict[str, Any], out: Path) -> Path | None:
+    """The validation score against the step at each optimizer's best lr (mean over the seeds, at the
+    steps every seed evaluated): whether the runs plateaued. None when no run evaluated twice."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = False
+    for name, info in entry["optimizers"].items():
+        curves = [
+            {p["step"]: p["score"] for p in c if p.get("score") is not None}
+            for c in info.get("validation_curves", [])
+        ]
+        curves = [c for c in curves if c]
+        steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        if len(steps) < 2:
+            continue
+        mean = [100 * sum(c[step] for c in curves) / len(curves) for step in steps]
+        ax.plot(steps, mean, marker="o", label=f"{name} (lr {info['best_lr']:g})")
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation score ×100 (mean over seeds)")
+    ax.set_title(f"{_task_label(task, entry)[:70]}: validation at each optimizer's best lr", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / f"validation_{task_folder(task)}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _plots(results: dict[str, Any], out: Path) -> list[Path]:
     try:
         import matplotlib  # optional dependency (lorite[all]), slow to import
@@ -202,13 +233,15 @@ def _plots(results: dict[str, Any], out: Path) -> list[Path]:
             ax.plot(_smooth(mean, max(1, length // 25)), label=f"{name} (lr {info['best_lr']:g})")
         ax.set_xlabel("step")
         ax.set_ylabel("training loss (smoothed)")
-        ax.set_title(f"{task}: loss at each optimizer's best lr")
+        ax.set_title(f"{_task_label(task, entry)[:70]}: loss at each optimizer's best lr", fontsize=9)
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = out / f"loss_{task_folder(task)}.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         paths.append(path)
+        if path := _validation_plot(plt, task, entry, out):
+            paths.append(path)
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) + 3), 4))
     optimizers = list(next(iter(tasks.values()))["optimizers"])
     width = 0.8 / len(optimizers)
