@@ -11,7 +11,7 @@
 # (.gpu/a, .gpu/b, .gpu/whl from ../shared/tools/gpu-stage; .gpu/bb/ni.tar.xz is
 #  `tar cf - tasks/natural_instructions__* | xz` of ~/.cache/lorite/bigbench.)
 # With `jacobi` the same call also runs benchmarks/speed/gpu_jacobi.sh (issue 24): its tests beside the
-# comparison (they check values and synchronisation, not time), its timings after it, on the idle GPU.
+# comparison (they check values and synchronisation, not time), its timings before it, on the idle GPU.
 # `run` again on the warm machine resumes the comparison from its finished runs (lorite compare does);
 # on a cold one, the finished runs' metrics committed in docs/results/sni_mixture_runs seed it
 # (gpu_experiments.sh). Everything but adapters and checkpoints comes back as $OUT/runs.tgz.
@@ -46,14 +46,14 @@ Path("/tmp/stage/converted").touch()
 print("model:", target)
 PY
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
-    if [ "${3:-}" = jacobi ]; then
+    if [ "${3:-}" = jacobi ]; then  # the kernels' timings first, on the idle GPU; the tests beside compare
+      PART=timings OUT=$OUT/jacobi benchmarks/speed/gpu_jacobi.sh
       (PART=tests OUT=$OUT/jacobi benchmarks/speed/gpu_jacobi.sh >/dev/null 2>&1 &)
     fi
     timeout "$seconds" benchmarks/experiments/gpu_experiments.sh sni_mixture
     echo "compare rc=$? (124: stopped by the time limit; it resumes from the finished runs)"
     grep -v "it/s" "$RUNS/sni_mixture.log" | tail -n 30
     if [ "${3:-}" = jacobi ]; then
-      PART=timings OUT=$OUT/jacobi benchmarks/speed/gpu_jacobi.sh
       tail -n 25 "$OUT/jacobi/tests.txt"
     fi
     benchmarks/experiments/gpu_progress.sh

@@ -15,7 +15,7 @@ if [ "$PART" = tests ] || [ "$PART" = all ]; then
     2>&1 | tee "$OUT/tests.txt" | tail -25
 fi
 if [ "$PART" = timings ] || [ "$PART" = all ]; then
-  timeout 120 python3 benchmarks/speed/linalg_primitives.py --jacobi-methods 32,64,128,256 2>&1 \
+  timeout 90 python3 benchmarks/speed/linalg_primitives.py --jacobi-methods 32,64,128,256 2>&1 \
     | tee "$OUT/jacobi_methods.md" | grep -v "^$"
 fi
 if [ "$PART" = sweep ] || [ "$PART" = all ]; then  # the step with warm-started eigendecompositions
