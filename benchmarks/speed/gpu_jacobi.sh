@@ -11,7 +11,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 # PART: tests, timings (the kernels), sweep (LoRA-RITE's step at r = 16, 64) or all (default)
 PART=${PART:-all}
 if [ "$PART" = tests ] || [ "$PART" = all ]; then
-  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_lora_rite_cuda.py tests/optim/test_jacobi.py \
+  timeout ${TESTS_S:-200} python3 -m pytest -q -p no:cacheprovider tests/gpu/test_lora_rite_cuda.py tests/optim/test_jacobi.py \
     2>&1 | tee "$OUT/tests.txt" | tail -25
 fi
 if [ "$PART" = timings ] || [ "$PART" = all ]; then
