@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
-from optimizer_step import timed  # (it puts the harness and src/ on sys.path)
+from optimizer_step import call_ms, timed  # (it puts the harness and src/ on sys.path)
 
 from lorite.optim import _jacobi
 
@@ -148,17 +147,8 @@ def _timed_calls(fn, device: torch.device, budget_ms: float = 1500.0, steps: int
     result = fn()
     samples: list[float] = []
     while len(samples) < steps and sum(samples) < budget_ms:
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:  # Triton's interpreter (TRITON_INTERPRET=1): one call shows that it runs
-            began = time.perf_counter()
-            fn()
-            samples.append(1e3 * (time.perf_counter() - began))
+        samples.append(call_ms(fn, device))
+        if device.type != "cuda":  # Triton's interpreter (TRITON_INTERPRET=1): one call shows that it runs
             break
     return result, statistics.median(samples)
 

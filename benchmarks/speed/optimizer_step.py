@@ -98,24 +98,25 @@ def state_bytes(optimizer) -> int:
     return total
 
 
+def call_ms(fn, device: torch.device) -> float:
+    """Milliseconds of one ``fn()``: CUDA events on a GPU, the wall clock elsewhere."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    began = time.perf_counter()
+    fn()
+    return 1e3 * (time.perf_counter() - began)
+
+
 def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
     """Median milliseconds of ``fn()`` over ``steps`` calls after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
-    samples = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            began = time.perf_counter()
-            fn()
-            samples.append(1e3 * (time.perf_counter() - began))
-    return statistics.median(samples)
+    return statistics.median(call_ms(fn, device) for _ in range(steps))
 
 
 def optimizer_step_ms(name: str, cfg: dict, rank: int, device, steps: int, warmup: int) -> tuple[float, int]:

@@ -82,6 +82,13 @@ if triton is not None:
         return c.to(tl.float32), (t * c).to(tl.float32)
 
     @triton.jit
+    def _off_and_total(S, eye):
+        """``(Σ_{i≠j} S_ij², ‖S‖²_F)`` of a register tile. The off-diagonal sum is taken on its own:
+        ``‖S‖² − Σ S_ii²`` would cancel down to the roundoff of ``‖S‖²``."""
+        off = tl.sum(tl.sum(tl.where(eye, 0.0, S * S), axis=1), axis=0)
+        return off, off + tl.sum(tl.sum(tl.where(eye, S * S, 0.0), axis=1), axis=0)
+
+    @triton.jit
     def _jacobi_kernel(
         a_ptr, values_ptr, vectors_ptr, partner_ptr, sweeps_ptr, size, tol, N: tl.constexpr,
         SWEEPS: tl.constexpr,
@@ -95,10 +102,7 @@ if triton is not None:
         E = tl.where(eye, 1.0, 0.0)
         # the convergence test runs on A/max|A| (no square underflows; ‖A‖_F is invariant under the rotations)
         inv = 1.0 / tl.maximum(tl.max(tl.max(tl.abs(A), axis=1), axis=0), 1e-30)
-        S = A * inv
-        # Σ_{i≠j} S_ij² on its own: ‖S‖² − Σ S_ii² would cancel down to the roundoff of ‖S‖²
-        off = tl.sum(tl.sum(tl.where(eye, 0.0, S * S), axis=1), axis=0)
-        total = off + tl.sum(tl.sum(tl.where(eye, S * S, 0.0), axis=1), axis=0)
+        off, total = _off_and_total(A * inv, eye)
         sweep = 0
         while (sweep < SWEEPS) & (off > tol * tol * total):
             for k in range(N - 1):
@@ -124,13 +128,17 @@ if triton is not None:
                 A = AJ * c[:, None] - tl.dot(swap, AJ, input_precision="ieee") * w[:, None]
                 E = E * c[None, :] - tl.dot(E, swap, input_precision="ieee") * w[None, :]
             sweep += 1
-            S = A * inv
-            off = tl.sum(tl.sum(tl.where(eye, 0.0, S * S), axis=1), axis=0)
-            total = off + tl.sum(tl.sum(tl.where(eye, S * S, 0.0), axis=1), axis=0)
+            off, total = _off_and_total(A * inv, eye)
         values = tl.sum(tl.where(eye, A, 0.0), axis=1)
         tl.store(values_ptr + matrix * size + rows, values, mask=rows < size)
         tl.store(vectors_ptr + offsets, E, mask=inside)
         tl.store(sweeps_ptr + matrix, sweep)
+
+    @triton.jit
+    def _input_tile(a_ptr, rows, columns, size):
+        """The ``(rows, columns)`` tile of the ``size × size`` input, 0 outside it (the padding)."""
+        inside = (rows[:, None] < size) & (columns[None, :] < size)
+        return tl.load(a_ptr + rows[:, None] * size + columns[None, :], mask=inside, other=0.0)
 
     @triton.jit
     def _load_input(a_ptr, work_ptr, e_ptr, size, N: tl.constexpr, BLOCK: tl.constexpr, SCALE: tl.constexpr):
@@ -143,9 +151,7 @@ if triton is not None:
             rows = start_row + chunk
             for start in range(0, N, BLOCK):
                 columns = start + chunk
-                inside = (rows[:, None] < size) & (columns[None, :] < size)
-                tile = tl.load(a_ptr + rows[:, None] * size + columns[None, :], mask=inside, other=0.0)
-                largest = tl.maximum(largest, tl.abs(tile))
+                largest = tl.maximum(largest, tl.abs(_input_tile(a_ptr, rows, columns, size)))
         scale = tl.max(tl.max(largest, axis=1), axis=0)
         inv = 1.0 / tl.maximum(scale, 1e-30)
         squares = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
@@ -153,8 +159,7 @@ if triton is not None:
             rows = start_row + chunk
             for start in range(0, N, BLOCK):
                 columns = start + chunk
-                inside = (rows[:, None] < size) & (columns[None, :] < size)
-                tile = tl.load(a_ptr + rows[:, None] * size + columns[None, :], mask=inside, other=0.0)
+                tile = _input_tile(a_ptr, rows, columns, size)
                 scaled = tile * inv
                 squares += scaled * scaled
                 tile_offsets = rows[:, None] * N + columns[None, :]

@@ -198,12 +198,18 @@ def _validation_plot(plt, task: str, entry: dict[str, Any], out: Path) -> Path |
     if not drawn:
         plt.close(fig)
         return None
+    title = f"{_task_label(task, entry)[:70]}: validation at each optimizer's best lr"
+    path = out / f"validation_{task_folder(task)}.png"
+    return _save_curves(plt, fig, ax, "validation score ×100 (mean over seeds)", title, path)
+
+
+def _save_curves(plt, fig, ax, ylabel: str, title: str, path: Path) -> Path:
+    """Label a per-step curve plot (x: step), write it to ``path`` and close it."""
     ax.set_xlabel("step")
-    ax.set_ylabel("validation score ×100 (mean over seeds)")
-    ax.set_title(f"{_task_label(task, entry)[:70]}: validation at each optimizer's best lr", fontsize=9)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = out / f"validation_{task_folder(task)}.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -231,15 +237,9 @@ def _plots(results: dict[str, Any], out: Path) -> list[Path]:
             length = min(len(c) for c in curves)
             mean = [sum(c[i] for c in curves) / len(curves) for i in range(length)]
             ax.plot(_smooth(mean, max(1, length // 25)), label=f"{name} (lr {info['best_lr']:g})")
-        ax.set_xlabel("step")
-        ax.set_ylabel("training loss (smoothed)")
-        ax.set_title(f"{_task_label(task, entry)[:70]}: loss at each optimizer's best lr", fontsize=9)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
+        title = f"{_task_label(task, entry)[:70]}: loss at each optimizer's best lr"
         path = out / f"loss_{task_folder(task)}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save_curves(plt, fig, ax, "training loss (smoothed)", title, path))
         if path := _validation_plot(plt, task, entry, out):
             paths.append(path)
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) + 3), 4))
