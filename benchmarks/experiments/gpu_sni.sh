@@ -6,18 +6,19 @@
 # travel in three calls (each call carries at most 64 MiB), each within 30 s of the last:
 #   1. carry .gpu/a:             mkdir -p /tmp/stage && cp .gpu/a/part_00 /tmp/stage/
 #   2. carry .gpu/bb:            bash benchmarks/experiments/gpu_sni.sh data
-#   3. carry .gpu/b .gpu/whl:    bash benchmarks/experiments/gpu_sni.sh run [SECONDS] [jacobi]
+#   3. carry .gpu/b .gpu/whl:    bash benchmarks/experiments/gpu_sni.sh run [SECONDS] [tests]
 # (.gpu/whl also holds the wheels of rouge_score 0.1.2 (`pip wheel` of its sdist), nltk and defusedxml.)
 # (.gpu/a, .gpu/b, .gpu/whl from ../shared/tools/gpu-stage; .gpu/bb/ni.tar.xz is
 #  `tar cf - tasks/natural_instructions__* | xz` of ~/.cache/lorite/bigbench.)
-# With `jacobi` the same call also runs benchmarks/speed/gpu_jacobi.sh (issue 24): its tests beside the
-# comparison (they check values and synchronisation, not time), its timings before it, on the idle GPU.
+# With `tests` the same call also runs the CUDA tests of benchmarks/speed/gpu_jacobi.sh (issue 24) beside the
+# comparison (they check values and synchronisation, not time; the timings need an idle GPU).
 # `run` again on the warm machine resumes the comparison from its finished runs (lorite compare does);
 # on a cold one, the finished runs' metrics committed in docs/results/sni_mixture_runs seed it
 # (gpu_experiments.sh). Everything but adapters and checkpoints comes back as $OUT/runs.tgz.
 set -u
 cd "$(dirname "$0")/../.."  # the repo root
-export LORITE_CACHE=/tmp/lc RUNS=/tmp/runs JOBS=${JOBS:-14} PYTHONUNBUFFERED=1
+# JOBS: each run peaks near 10 GB (batch 16 × 512 tokens); 14 of them filled the H200's 140 GB (2026-12-03)
+export LORITE_CACHE=/tmp/lc RUNS=/tmp/runs JOBS=${JOBS:-10} PYTHONUNBUFFERED=1
 case ${1:-run} in
   data)
     mkdir -p "$LORITE_CACHE/bigbench" && tar xJf .gpu/bb/ni.tar.xz -C "$LORITE_CACHE/bigbench"
@@ -46,14 +47,20 @@ Path("/tmp/stage/converted").touch()
 print("model:", target)
 PY
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
-    if [ "${3:-}" = jacobi ]; then  # the kernels' timings first, on the idle GPU; the tests beside compare
-      PART=timings OUT=$OUT/jacobi benchmarks/speed/gpu_jacobi.sh
+    if [ "${3:-}" = tests ]; then
       (PART=tests OUT=$OUT/jacobi benchmarks/speed/gpu_jacobi.sh >/dev/null 2>&1 &)
     fi
-    timeout "$seconds" benchmarks/experiments/gpu_experiments.sh sni_mixture
-    echo "compare rc=$? (124: stopped by the time limit; it resumes from the finished runs)"
+    # the time limit stops the whole process group (compare and its workers): `timeout` on the script
+    # alone would wait for bash, which waits for compare, and the call would run past its own limit
+    setsid benchmarks/experiments/gpu_experiments.sh sni_mixture &
+    group=$!
+    (sleep "$seconds" && kill -TERM -- "-$group" 2>/dev/null && echo "stopped by the time limit ($seconds s)") &
+    limit=$!
+    wait "$group"
+    echo "compare rc=$? (it resumes from the finished runs)"
+    kill "$limit" 2>/dev/null
     grep -v "it/s" "$RUNS/sni_mixture.log" | tail -n 30
-    if [ "${3:-}" = jacobi ]; then
+    if [ "${3:-}" = tests ]; then
       tail -n 25 "$OUT/jacobi/tests.txt"
     fi
     benchmarks/experiments/gpu_progress.sh

@@ -29,7 +29,11 @@ PEER = "pytorch_optimizer.LoRARite"
 BATCH = {"gemma2b": (8, 512), "smollm2": (16, 512)}
 
 
-def measure(config: str, ranks: list[int], peer_ranks: list[int], whole: bool, steps: int) -> dict:
+def measure(
+    config: str, ranks: list[int], peer_ranks: list[int], whole_ranks: list[int], steps: int, out: Path | None
+) -> dict:
+    """Every rank's rows; with ``out``, the JSON is rewritten after each rank, so a run stopped by a time
+    limit keeps what it measured."""
     device = torch.device("cuda")
     try:
         import pytorch_optimizer  # noqa: F401  (the peer, where installed)
@@ -38,6 +42,10 @@ def measure(config: str, ranks: list[int], peer_ranks: list[int], whole: bool, s
     except ImportError:
         has_peer = False
     rows = []
+    result = {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+        "command": command_line(), "pairs": len(lora_shapes(CONFIGS[config])), "rows": rows,
+    }  # fmt: skip
     for rank in ranks:
         names = ["adamw", *OURS] + ([PEER] if has_peer and rank in peer_ranks else [])
         for name in names:
@@ -49,16 +57,15 @@ def measure(config: str, ranks: list[int], peer_ranks: list[int], whole: bool, s
             print(f"{config} r={rank} {name}: step {ms:.2f} ms, state {state / 2**20:.1f} MB "
                   f"({time.perf_counter() - began:.0f} s)", flush=True)  # fmt: skip
             torch.cuda.empty_cache()
-        if whole:
+        if rank in whole_ranks:
             timings = whole_step_ms(names, config, rank, device, 10, 3, *BATCH[config])
             for row in rows:
                 if row["rank"] == rank and row["optimizer"] in timings:
                     row["whole_ms"] = timings[row["optimizer"]]
             print(f"{config} r={rank} whole step: {timings}", flush=True)
-    return {
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-        "command": command_line(), "pairs": len(lora_shapes(CONFIGS[config])), "rows": rows,
-    }  # fmt: skip
+        if out:
+            write_json(out, result)
+    return result
 
 
 def table(result: dict) -> str:
@@ -111,7 +118,10 @@ def main() -> None:
     parser.add_argument("--ranks", default="4,8,16,32,64,128,256")
     parser.add_argument("--peer-ranks", default="16,64")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--no-whole-step", action="store_true")
+    parser.add_argument("--no-whole-step", action="store_true", help="no whole training step at any rank")
+    parser.add_argument(
+        "--whole-ranks", default=None, help="whole training step at these ranks (default: all)"
+    )
     parser.add_argument("--out", default=None, help="write the measurements (JSON) here")
     parser.add_argument("--plot", nargs="*", default=None, help="JSON files of earlier runs: table + figure")
     parser.add_argument("--figure", default="rank_sweep.png")
@@ -128,11 +138,14 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("rank_sweep: needs a CUDA device")
     ranks = [int(r) for r in args.ranks.split(",")]
-    result = measure(args.config, ranks, [int(r) for r in args.peer_ranks.split(",")], not args.no_whole_step,
-                     args.steps)  # fmt: skip
+    whole_ranks = [] if args.no_whole_step else ranks
+    if args.whole_ranks and not args.no_whole_step:
+        whole_ranks = [int(r) for r in args.whole_ranks.split(",")]
+    peer_ranks = [int(r) for r in args.peer_ranks.split(",")]
+    result = measure(
+        args.config, ranks, peer_ranks, whole_ranks, args.steps, Path(args.out) if args.out else None
+    )
     print("\n" + table(result), end="")
-    if args.out:
-        write_json(Path(args.out), result)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from lorite.tasks.evaluation import (
     answer_shares,
     choice_log_likelihoods,
     evaluate_task,
+    evaluate_tasks,
     exact_match,
     generate_answers,
     length_normalized,
@@ -118,6 +119,30 @@ def test_evaluate_task_reports_the_right_metrics(tiny, task, tmp_path):
     assert gen["perplexity"] == pytest.approx(
         answer_perplexity(model, tokenizer, gen_task, list(gen_task.examples[:4]))
     )
+
+
+def test_tasks_evaluated_together_score_as_each_alone(tiny, task):
+    """A mixture's members share generation batches (budgets of 8 and 35 tokens in one call, then cut per
+    answer) and answer-perplexity batches; every member's metrics are those of evaluating it alone."""
+    model, tokenizer = tiny
+    short = rows(*({"prompt": f"Q{i}:", "completion": " yes" if i % 2 else " no"} for i in range(5)))
+    long = rows(
+        *({"prompt": f"Say {i}:", "completion": " one two three four five six seven " * 4} for i in range(3))
+    )
+    members = {"short": (short, list(short.examples)), "long": (long, list(long.examples)),
+               "choice": (task, list(task.examples[:4])), "empty": (short, [])}  # fmt: skip
+    together = evaluate_tasks(model, tokenizer, members, batch_size=16)
+    assert together["empty"] == {}
+    for name in ("short", "long", "choice"):
+        alone = evaluate_task(model, tokenizer, *members[name], batch_size=16)
+        assert together[name].keys() == alone.keys()
+        for key, value in alone.items():
+            assert together[name][key] == (
+                pytest.approx(value, rel=1e-5) if isinstance(value, float) else value
+            )
+    assert together["short"]["samples"] != together["long"]["samples"]
+    with pytest.raises(ValueError, match="classification_score"):
+        evaluate_tasks(model, tokenizer, members, classification_score="f1")
 
 
 def test_pack_blocks_drops_the_tail_and_separates_documents():

@@ -321,6 +321,9 @@ class PairOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         if self._nonfinite_count is None or self._nonfinite_count.device != skipped_pairs.device:
             self._nonfinite_count = torch.zeros((), dtype=torch.int64, device=skipped_pairs.device)
         self._nonfinite_count += skipped_pairs.to(torch.int64)
+        # a traced step (torch.compile) keeps counting but leaves the host-side probe to eager steps
+        if torch.compiler.is_compiling():
+            return
         if skipped_pairs.device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
             self._probe_nonfinite()
 

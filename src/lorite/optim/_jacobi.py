@@ -14,7 +14,8 @@ cap is reached (``_sweeps``: random matrices reach fp32 roundoff within it; the 
 the new matrix — therefore costs one or two sweeps. Matrices are zero-padded to a power of two ≥ 16
 (``tl.dot``'s minimum); padding never mixes with the real block because their couplings are 0.
 
-Up to 32 × 32 the matrix lives in the program's registers. Above, registers spill, so global-memory kernels
+The register kernel holds the matrix in the program's registers (it works up to 32 × 32 and is the
+default up to 16 × 16: ``REGISTER_KERNEL_UP_TO``); above 32 registers spill. The global-memory kernels
 keep the matrix and its eigenvectors in global memory (L1/L2-resident at these sizes): the two-sided one
 applies each round as row then column rotations of the round's ``n/2`` pairs, separated by CTA barriers;
 the one-sided (Hestenes) one rotates contiguous rows of ``Uᵀ = (AJ)ᵀ`` and ``Eᵀ``, one barrier per round
@@ -359,8 +360,10 @@ if triton is not None:
         tl.store(sweeps_ptr + matrix, sweep)
 
 
-REGISTER_KERNEL_UP_TO = 32
-"""Padded sizes up to this run the register kernel; larger ones a global-memory kernel."""
+REGISTER_KERNEL_UP_TO = 16
+"""Padded sizes up to this run the register kernel; larger ones a global-memory kernel. Measured on an H200
+(420 matrices, benchmarks/RESULTS.md): at 32 × 32 the one-sided kernel takes 0.33 ms cold and 0.14 ms warm
+against the register kernel's 1.70 and 0.52, so only the 16 × 16 tiles (r ≤ 16) stay in registers."""
 
 GLOBAL_MEMORY_METHOD = "one_sided"
 """The global-memory kernel that :func:`jacobi_eigh` runs above ``REGISTER_KERNEL_UP_TO`` by default:

@@ -46,8 +46,9 @@ def cholesky_factor(
 
 def masked(keep: torch.Tensor, value: torch.Tensor, other: torch.Tensor | float) -> torch.Tensor:
     """``torch.where(keep[:, None, None], value, other)`` — skipped on CPU when every entry is kept (there a
-    value check is free; on GPUs it would be a host synchronisation, so the where always runs)."""
-    if value.device.type == "cpu" and bool(keep.all()):
+    value check is free; on GPUs it would be a host synchronisation, and under torch.compile a graph break,
+    so there the where always runs)."""
+    if value.device.type == "cpu" and not torch.compiler.is_compiling() and bool(keep.all()):
         return value
     return torch.where(keep.view(-1, *([1] * (value.dim() - 1))), value, other)
 
@@ -78,9 +79,10 @@ def eigh_small(V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     - CPU: ``torch.linalg.eigh`` (LAPACK).
     - CUDA, fp32, at every size: lorite's Triton Jacobi kernels (:mod:`lorite.optim._jacobi`), which never
       synchronise with the host (``torch.linalg.eigh`` there checks cuSOLVER's status with ``.item()``)
-      and so can be captured in a CUDA graph. Up to 32 × 32 the matrix is held in registers; above, in
-      global memory, where it stays L1/L2-resident (the register version spills there, and cuSOLVER
-      loops over per-matrix ``syevd`` calls; measured in benchmarks/RESULTS.md).
+      and so can be captured in a CUDA graph. Up to 16 × 16 the matrix is held in registers; above, in
+      global memory, where it stays L1/L2-resident (one-sided Jacobi there is faster than the register
+      version from 32 × 32 on, and cuSOLVER loops over per-matrix ``syevd`` calls; measured in
+      benchmarks/RESULTS.md).
     - Otherwise (fp64 on CUDA, no Triton): ``torch.linalg.eigh``.
 
     Eigenvalues are not sorted on the Triton path; sort them where order matters.

@@ -63,8 +63,13 @@ class _Bucket:
     params: list[torch.Tensor]
     positions: slice  # where these factors sit in the plan's factor order
     rows: int  # rows of the tall view
-    matrices: list[torch.Tensor] = field(default_factory=list)  # 2-D views of params: A (r, n), B (m, r)
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # first_moment, basis: (N, r, rows)
+
+    @property
+    def matrices(self) -> list[torch.Tensor]:
+        """2-D views of the params: A ``(r, n)``, B ``(m, r)``. Made when asked, not kept: torch.compile
+        refuses a view kept from an earlier step whose base has since been updated in place."""
+        return [p.view(p.shape[0], -1) if self.is_A else p.view(p.shape[0], p.shape[1]) for p in self.params]
 
 
 @dataclass
@@ -191,7 +196,8 @@ class LoRARite(PairOptimizer):
     (``benchmarks/speed/graph_check.py``). A device-tensor ``lr`` updated in place, as torch's
     ``capturable`` optimizers take it, reaches the step without a host read, so the step can also be
     captured from outside (``tests/gpu``). The fallback AdamW group steps eagerly. The graph keeps the
-    step's temporaries in its own memory pool.
+    step's temporaries in its own memory pool. ``torch.compile(optimizer.step)`` traces the eager step into
+one graph with no break (tests/optim/test_contract.py, on CPU; benchmarks/speed/compile_check.py).
 
     Rank guard (not in the paper): a factor whose Cholesky fails or whose ``R`` is rank deficient is
     treated like ``B = 0``: ``R⁺ = 0``, so its partner does not move that step. Deficient means
@@ -340,11 +346,7 @@ class LoRARite(PairOptimizer):
         buckets, params, start = [], [], 0
         for (is_A, _, _), members in kinds.items():
             rows = members[0][0].numel() if is_A else members[0].shape[0]
-            bucket = _Bucket(is_A, members, slice(start, start + len(members)), rows)
-            bucket.matrices = [
-                p.view(p.shape[0], -1) if is_A else p.view(p.shape[0], p.shape[1]) for p in members
-            ]
-            buckets.append(bucket)
+            buckets.append(_Bucket(is_A, members, slice(start, start + len(members)), rows))
             params += members
             start += len(members)
         position = {id(p): i for i, p in enumerate(params)}
@@ -392,7 +394,10 @@ class LoRARite(PairOptimizer):
     def _step_pairs(self, groups: list[dict[str, Any]]) -> None:
         plans = [plan for group in groups for plan in self._plans_for(group)]
         # keep only this step's plans: a plan holds buffers, and other subsets of pairs may come and go
-        self._plans = {plan.key: plan for plan in plans}
+        # (in place: torch.compile follows a dict's mutation, where older releases refuse rebinding an
+        # attribute of the optimizer inside a traced step)
+        self._plans.clear()
+        self._plans.update((plan.key, plan) for plan in plans)
         if not plans:
             return
         if self.cuda_graph and all(plan.partner.is_cuda for plan in plans):

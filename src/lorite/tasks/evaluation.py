@@ -181,16 +181,27 @@ def generate_answers(
     progress=False,
 ) -> list[str]:
     """Greedy answers, batched with left padding, stopping at the end token."""
+    items = [(task, ex, max_new_tokens) for ex in examples]
+    return _generate(model, tokenizer, items, batch_size, max_length, f"generating {task.name}", progress)
+
+
+def _generate(
+    model, tokenizer, items: list[tuple[Task, Example, int]], batch_size, max_length, what, progress
+):
+    """Greedy answers to ``(task, example, max_new_tokens)`` items of any tasks, batched by budget and then
+    prompt length. A batch generates up to its largest budget and each answer is cut to its own: greedy
+    tokens do not depend on how many more are generated after them, so an answer is the one its budget
+    alone gives (up to the batch's padding, as in any batched evaluation)."""
     model.eval()
     device = _device(model)
     prompts = [
-        tokenizer(format_prompt(task, ex, tokenizer), add_special_tokens=False)["input_ids"]
-        for ex in examples
-    ]
-    prompts = [p[-(max_length - max_new_tokens) :] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        tokenizer(format_prompt(task, ex, tokenizer), add_special_tokens=False)["input_ids"][-(max_length - budget) :]
+        for task, ex, budget in items
+    ]  # fmt: skip
+    budgets = [budget for _, _, budget in items]
+    order = sorted(range(len(prompts)), key=lambda i: (budgets[i], -len(prompts[i])))
     answers = [""] * len(prompts)
-    for chunk in _progress(list(_batches(order, batch_size)), f"generating {task.name}", progress):
+    for chunk in _progress(list(_batches(order, batch_size)), what, progress):
         length = max(len(prompts[i]) for i in chunk)
         ids = torch.full((len(chunk), length), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -199,11 +210,14 @@ def generate_answers(
             mask[row, length - len(prompts[i]) :] = 1
         with _autocast(device):
             out = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                input_ids=ids.to(device), attention_mask=mask.to(device),
+                max_new_tokens=max(budgets[i] for i in chunk), do_sample=False,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
             )  # fmt: skip
         for row, i in enumerate(chunk):
-            answers[i] = tokenizer.decode(out[row, length:], skip_special_tokens=True).strip()
+            answers[i] = tokenizer.decode(
+                out[row, length : length + budgets[i]], skip_special_tokens=True
+            ).strip()
     return answers
 
 
@@ -214,20 +228,36 @@ def answer_perplexity(
     """``exp`` of the mean negative log-likelihood per answer token, the answer tokens being those training
     puts the loss on (:func:`lorite.tasks.encoding.encode_examples`: the first reference and its end
     token; every assistant turn of a chat example): the exponential of the validation loss."""
+    ((total, count),) = _answer_nll(model, tokenizer, [(task, examples)], batch_size, max_length)
+    return math.exp(total / count)
+
+
+def _answer_nll(model, tokenizer, groups: list[tuple[Task, list[Example]]], batch_size, max_length):
+    """``(summed NLL, answer tokens)`` of each ``(task, examples)`` group, its examples batched with those
+    of the other groups."""
     model.eval()
     device = _device(model)
-    encoded = encode_examples(task, examples, tokenizer, max_length)
+    encoded, owner = [], []
+    for index, (task, examples) in enumerate(groups):
+        rows = encode_examples(task, examples, tokenizer, max_length)
+        encoded += rows
+        owner += [index] * len(rows)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].input_ids))
-    total, count = 0.0, 0
+    totals, counts = [0.0] * len(groups), [0] * len(groups)
     for chunk in _batches(order, batch_size):
         batch = {
             k: v.to(device) for k, v in collate([encoded[i] for i in chunk], tokenizer.pad_token_id).items()
         }
         with _autocast(device):
-            log_probs, _ = target_log_probs(model, batch)
-        total += float(-log_probs.double().sum())
-        count += log_probs.numel()
-    return math.exp(total / count)
+            log_probs, rows = target_log_probs(model, batch)
+        sums = torch.zeros(len(chunk), dtype=torch.float64, device=device).index_add_(
+            0, rows, -log_probs.double()
+        )
+        tokens = torch.bincount(rows, minlength=len(chunk))
+        for i, value, n in zip(chunk, sums.tolist(), tokens.tolist()):
+            totals[owner[i]] += value
+            counts[owner[i]] += n
+    return list(zip(totals, counts))
 
 
 def evaluate_task(
@@ -243,40 +273,73 @@ def evaluate_task(
     the references' ``perplexity`` for generation. ``score`` is the one used to pick learning rates:
     accuracy, or ROUGE-L — or, with ``classification_score="exact_match"``, exact match for a generation
     task that :func:`is_classification`; ``score_metric`` names it."""
-    if not examples:
-        return {}
+    return evaluate_tasks(
+        model, tokenizer, {task.name: (task, examples)}, batch_size, progress, classification_score
+    )[task.name]
+
+
+def evaluate_tasks(
+    model,
+    tokenizer,
+    tasks: dict[str, tuple[Task, list[Example]]],
+    batch_size: int = 16,
+    progress=False,
+    classification_score: str = "rouge_l",
+) -> dict[str, dict]:
+    """:func:`evaluate_task` of every ``name: (task, examples)`` (``{}`` for one without examples), the
+    generation tasks' answers and answer perplexities computed in shared batches: a mixture's members
+    have a few examples each, and one ``generate`` call per member would leave the GPU idle."""
     if classification_score not in CLASSIFICATION_SCORES:
         raise ValueError(
             f"classification_score must be one of {', '.join(CLASSIFICATION_SCORES)}, got {classification_score!r}"
         )
-    if task.kind == "multiple_choice":
-        scores = choice_log_likelihoods(model, tokenizer, task, examples, batch_size, progress=progress)
-        correct = [ex.correct for ex in examples]
-        accuracy = accuracy_from_scores(scores, correct)
-        chosen = [ex.choices[i] for ex, i in zip(examples, predicted_choices(scores))]
-        return {
-            "accuracy": accuracy,
-            "acc_norm": accuracy_from_scores(length_normalized(scores, examples), correct),
-            "score": accuracy,
-            "n": len(examples),
-            "answer_shares": answer_shares(chosen),
-        }
-    # room for the references: 1.25 × their 95th-percentile length in tokens, within [8, 128]
+    metrics: dict[str, dict] = {name: {} for name in tasks}
+    generation = {name: pair for name, pair in tasks.items() if pair[1] and pair[0].kind != "multiple_choice"}
+    for name, (task, examples) in tasks.items():
+        if examples and task.kind == "multiple_choice":
+            scores = choice_log_likelihoods(model, tokenizer, task, examples, batch_size, progress=progress)
+            correct = [ex.correct for ex in examples]
+            accuracy = accuracy_from_scores(scores, correct)
+            chosen = [ex.choices[i] for ex, i in zip(examples, predicted_choices(scores))]
+            metrics[name] = {
+                "accuracy": accuracy,
+                "acc_norm": accuracy_from_scores(length_normalized(scores, examples), correct),
+                "score": accuracy,
+                "n": len(examples),
+                "answer_shares": answer_shares(chosen),
+            }
+    if not generation:
+        return metrics
+    items = [
+        (task, ex, _answer_budget(tokenizer, examples))
+        for task, examples in generation.values()
+        for ex in examples
+    ]
+    what = f"generating {next(iter(generation))}" + (
+        f" and {len(generation) - 1} more" if len(generation) > 1 else ""
+    )
+    answers = iter(_generate(model, tokenizer, items, batch_size, 512, what, progress))
+    nll = _answer_nll(model, tokenizer, list(generation.values()), batch_size, 512)
+    for (name, (task, examples)), (total, count) in zip(generation.items(), nll):
+        given = [next(answers) for _ in examples]
+        em = sum(exact_match(a, ex.targets) for a, ex in zip(given, examples)) / len(examples)
+        rouge = sum(rouge_l(a, ex.targets) for a, ex in zip(given, examples)) / len(examples)
+        by = "exact_match" if classification_score == "exact_match" and is_classification(task) else "rouge_l"
+        metrics[name] = {
+            "exact_match": em, "rouge_l": rouge, "perplexity": math.exp(total / count),
+            "score": em if by == "exact_match" else rouge, "score_metric": by, "n": len(examples),
+            "samples": given[:5], "answer_shares": answer_shares(given),
+        }  # fmt: skip
+    return metrics
+
+
+def _answer_budget(tokenizer, examples: list[Example]) -> int:
+    """New tokens to generate for a task: room for its references, 1.25 × their 95th-percentile length in
+    tokens, within [8, 128]."""
     lengths = sorted(
         len(tokenizer(t, add_special_tokens=False)["input_ids"]) for ex in examples for t in ex.targets
     )
-    budget = min(128, max(8, int(1.25 * lengths[int(0.95 * (len(lengths) - 1))]) + 2))
-    answers = generate_answers(
-        model, tokenizer, task, examples, batch_size, max_new_tokens=budget, progress=progress
-    )
-    em = sum(exact_match(a, ex.targets) for a, ex in zip(answers, examples)) / len(examples)
-    rouge = sum(rouge_l(a, ex.targets) for a, ex in zip(answers, examples)) / len(examples)
-    ppl = answer_perplexity(model, tokenizer, task, examples, batch_size)
-    by = "exact_match" if classification_score == "exact_match" and is_classification(task) else "rouge_l"
-    return {
-        "exact_match": em, "rouge_l": rouge, "perplexity": ppl, "score": em if by == "exact_match" else rouge,
-        "score_metric": by, "n": len(examples), "samples": answers[:5], "answer_shares": answer_shares(answers),
-    }  # fmt: skip
+    return min(128, max(8, int(1.25 * lengths[int(0.95 * (len(lengths) - 1))]) + 2))
 
 
 @torch.no_grad()
@@ -302,6 +365,7 @@ __all__ = [
     "answer_shares",
     "choice_log_likelihoods",
     "evaluate_task",
+    "evaluate_tasks",
     "exact_match",
     "generate_answers",
     "is_classification",

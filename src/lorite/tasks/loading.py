@@ -7,7 +7,8 @@
 * ``corpus:NAME``: the documents split by :func:`lorite.tasks.splits.split_documents`, each split packed
   into blocks of ``min(max_length, 512)`` tokens; validation and test are scored by perplexity.
 * a mixture ``A+B+C`` (:class:`MixtureData`): every member's :class:`TaskData`, its training split capped
-  at ``max_examples_per_task``; evaluated member by member, ``score`` the macro mean
+  at ``max_examples_per_task``; every member scored on its own examples (the example tasks' answers
+  generated in shared batches, :func:`lorite.tasks.evaluation.evaluate_tasks`), ``score`` the macro mean
   (:mod:`lorite.tasks.mixture`).
 
 The same spec, tokenizer and split settings always give the same data, so every optimizer, method and
@@ -23,7 +24,7 @@ import torch
 
 from ..data.blocks import pack_blocks, tokenize_documents
 from .encoding import collate, encode_examples, require_chat_template
-from .evaluation import evaluate_task, perplexity
+from .evaluation import evaluate_task, evaluate_tasks, perplexity
 from .mixture import DEFAULT_MAX_EXAMPLES_PER_TASK, capped_sizes, macro_metrics
 from .spec import MixtureSpec, TaskSpec, load_documents, load_task, load_tasks, parse_spec, parse_task_spec
 from .splits import split_documents, split_examples
@@ -125,9 +126,18 @@ def evaluate_split(
     ``classification_score="exact_match"`` —, or −perplexity; of a mixture the macro mean over its
     members, each member's metrics under ``per_task``)."""
     if isinstance(data, MixtureData):
+        # the example tasks' members evaluated together (shared generation batches), corpora on their own
+        examples = {
+            name: (member.task, getattr(member, split))
+            for name, member in data.members.items()
+            if member.kind != "language_model"
+        }
+        together = evaluate_tasks(model, tokenizer, examples, batch_size, progress, classification_score)
         return macro_metrics(
             {
-                name: evaluate_split(
+                name: together[name]
+                if name in together
+                else evaluate_split(
                     model, tokenizer, member, split, batch_size, progress, classification_score
                 )
                 for name, member in data.members.items()

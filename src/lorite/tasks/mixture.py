@@ -14,7 +14,8 @@ training draws from the members and how the members' metrics combine.
   example once per epoch of that member). The indices are a pure function of ``(seed, step, micro)``, so a
   resumed run draws exactly what the uninterrupted one would; the member counts before ``m`` are replayed
   from the nearest micro-batch already drawn (forward, so a run pays once).
-* **Evaluation** (:func:`macro_metrics`). Every member is scored on its own; ``score`` is the macro mean of
+* **Evaluation** (:func:`macro_metrics`). Every member is scored on its own examples (computed in batches
+  shared across members, :func:`lorite.tasks.evaluation.evaluate_tasks`); ``score`` is the macro mean of
   the members' scores (what a comparison chooses learning rates on), ``per_task`` holds each member's
   metrics.
 """
