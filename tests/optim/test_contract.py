@@ -117,6 +117,29 @@ def test_state_dict_round_trip_and_exact_resume(name):
 
 
 @pytest.mark.parametrize("name", LORITE_CASES)
+def test_loaded_state_is_a_copy(name):
+    """``twin.load_state_dict(optimizer.state_dict())`` in one process, then both keep training: the twin
+    must not share the source's state tensors (torch's loader keeps them where no cast is needed)."""
+    data = batches(8)
+    uninterrupted = tiny_peft()
+    opt = build(name, uninterrupted)
+    for ids in data:
+        lm_step(uninterrupted, opt, ids)
+    source = tiny_peft()
+    source_opt = build(name, source)
+    for ids in data[:3]:
+        lm_step(source, source_opt, ids)
+    twin = copy.deepcopy(source)
+    twin_opt = build(name, twin)
+    twin_opt.load_state_dict(source_opt.state_dict())
+    for ids in data[3:]:
+        lm_step(source, source_opt, ids)  # the source steps first: shared state would move under the twin
+        lm_step(twin, twin_opt, ids)
+    for p, q, r in zip(trainable(uninterrupted), trainable(source), trainable(twin)):
+        assert torch.equal(p, q) and torch.equal(p, r)
+
+
+@pytest.mark.parametrize("name", LORITE_CASES)
 def test_bf16_params_keep_fp32_state_across_save_and_load(name):
     model = tiny_peft(dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in trainable(model))

@@ -396,7 +396,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         """Load like torch, but keep projected state in fp32 (at least) and its step counts on the CPU.
 
         torch casts floating state to the parameter's dtype (bf16 weights would get bf16 moments and
-        bases); projected state is restored in ``promote_types(param.dtype, float32)``.
+        bases); projected state is restored in ``promote_types(param.dtype, float32)``, as a copy (as
+        :meth:`lorite.optim._base.PairOptimizer.load_state_dict`: never sharing the given tensors).
         """
         saved_state = state_dict["state"]
         saved_groups = state_dict["param_groups"]
@@ -411,8 +412,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     continue
                 dtype = compute_dtype(p.dtype)
                 self.state[p] = {
-                    key: value.to(device="cpu", dtype=torch.float32)
+                    key: value.to(device="cpu", dtype=torch.float32, copy=True)
                     if key == "step"
-                    else value.to(device=p.device, dtype=dtype)
+                    else value.to(device=p.device, dtype=dtype, copy=True)
                     for key, value in saved.items()
                 }
