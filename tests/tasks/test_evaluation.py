@@ -131,7 +131,7 @@ def test_tasks_evaluated_together_score_as_each_alone(tiny, task):
     )
     members = {"short": (short, list(short.examples)), "long": (long, list(long.examples)),
                "choice": (task, list(task.examples[:4])), "empty": (short, [])}  # fmt: skip
-    together = evaluate_tasks(model, tokenizer, members, batch_size=16)
+    together = evaluate_tasks(model, tokenizer, members, batch_size=16, share_batches=True)
     assert together["empty"] == {}
     for name in ("short", "long", "choice"):
         alone = evaluate_task(model, tokenizer, *members[name], batch_size=16)
@@ -141,6 +141,11 @@ def test_tasks_evaluated_together_score_as_each_alone(tiny, task):
                 pytest.approx(value, rel=1e-5) if isinstance(value, float) else value
             )
     assert together["short"]["samples"] != together["long"]["samples"]
+    apart = evaluate_tasks(model, tokenizer, members, batch_size=16, share_batches=False)  # CPU's default
+    assert {name: m.get("samples") for name, m in apart.items()} == {
+        n: m.get("samples") for n, m in together.items()
+    }
+    assert apart["long"]["perplexity"] == pytest.approx(together["long"]["perplexity"], rel=1e-5)
     with pytest.raises(ValueError, match="classification_score"):
         evaluate_tasks(model, tokenizer, members, classification_score="f1")
 
