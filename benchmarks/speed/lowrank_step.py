@@ -40,6 +40,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
 from harness import write_json
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # optimizer_step, next to this file
+from optimizer_step import call_ms
+
 from lorite.optim import FiraAdamW, GaLoreAdamW, create
 from lorite.optim._lowrank import LowRankProjector
 
@@ -140,19 +143,6 @@ def state_bytes(optimizer) -> int:
     return total
 
 
-def time_call(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end)
-    began = time.perf_counter()
-    fn()
-    return 1e3 * (time.perf_counter() - began)
-
-
 def measure(name: str, cfg: dict, gap: int, device: torch.device) -> dict | None:
     projected, rest = make_params(cfg, device)
     optimizer = build_optimizer(name, projected, rest, cfg["rank"], gap, device)
@@ -160,7 +150,7 @@ def measure(name: str, cfg: dict, gap: int, device: torch.device) -> dict | None
         return None
     if device.type == "cuda":
         torch.cuda.synchronize()
-    first_ms = time_call(optimizer.step, device)
+    first_ms = call_ms(optimizer.step, device)
     state = state_bytes(optimizer)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -168,8 +158,8 @@ def measure(name: str, cfg: dict, gap: int, device: torch.device) -> dict | None
         torch.cuda.reset_peak_memory_stats()
     # two windows of gap + 1 steps, each with one refresh: the first refresh after the first step also pays
     # one-off costs (solver handles, kernel loading), so the table reports the second window's
-    warmup = [time_call(optimizer.step, device) for _ in range(gap + 1)]
-    samples = [time_call(optimizer.step, device) for _ in range(gap + 1)]
+    warmup = [call_ms(optimizer.step, device) for _ in range(gap + 1)]
+    samples = [call_ms(optimizer.step, device) for _ in range(gap + 1)]
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else None
     has_refresh = name != "adamw (torch)"
     row = {

@@ -89,18 +89,20 @@ def test_descent_on_least_squares(name):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def trained(name, data):
+    """A tiny peft model and its optimizer after one step on each batch of ``data``."""
+    model = tiny_peft()
+    optimizer = build(name, model)
+    for ids in data:
+        lm_step(model, optimizer, ids)
+    return model, optimizer
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_state_dict_round_trip_and_exact_resume(name):
     data = batches(8)
-    uninterrupted = tiny_peft()
-    opt = build(name, uninterrupted)
-    for ids in data:
-        lm_step(uninterrupted, opt, ids)
-
-    first = tiny_peft()
-    opt1 = build(name, first)
-    for ids in data[:4]:
-        lm_step(first, opt1, ids)
+    uninterrupted, _ = trained(name, data)
+    first, opt1 = trained(name, data[:4])
     buffer = io.BytesIO()
     torch.save({"model": first.state_dict(), "optimizer": opt1.state_dict()}, buffer)
     buffer.seek(0)
@@ -121,14 +123,8 @@ def test_loaded_state_is_a_copy(name):
     """``twin.load_state_dict(optimizer.state_dict())`` in one process, then both keep training: the twin
     must not share the source's state tensors (torch's loader keeps them where no cast is needed)."""
     data = batches(8)
-    uninterrupted = tiny_peft()
-    opt = build(name, uninterrupted)
-    for ids in data:
-        lm_step(uninterrupted, opt, ids)
-    source = tiny_peft()
-    source_opt = build(name, source)
-    for ids in data[:3]:
-        lm_step(source, source_opt, ids)
+    uninterrupted, _ = trained(name, data)
+    source, source_opt = trained(name, data[:3])
     twin = copy.deepcopy(source)
     twin_opt = build(name, twin)
     twin_opt.load_state_dict(source_opt.state_dict())

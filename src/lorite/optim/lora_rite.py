@@ -67,9 +67,18 @@ class _Bucket:
 
     @property
     def matrices(self) -> list[torch.Tensor]:
-        """2-D views of the params: A ``(r, n)``, B ``(m, r)``. Made when asked, not kept: torch.compile
-        refuses a view kept from an earlier step whose base has since been updated in place."""
+        """2-D views of the params, what the update is written into: A ``(r, n)``, B ``(m, r)``. Made when
+        asked, not kept: torch.compile refuses a view kept from an earlier step whose base has since been
+        updated in place."""
         return [p.view(p.shape[0], -1) if self.is_A else p.view(p.shape[0], p.shape[1]) for p in self.params]
+
+    def wide(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """``tensors`` (the params or their gradients) stacked wide, ``(N, r, rows)``: A as it is, B
+        transposed (a copy either way)."""
+        stacked = torch.stack(tensors)
+        if self.is_A:
+            return stacked.reshape(len(tensors), stacked.shape[1], -1)
+        return stacked.reshape(len(tensors), stacked.shape[1], stacked.shape[2]).mT.contiguous()
 
 
 @dataclass
@@ -197,7 +206,7 @@ class LoRARite(PairOptimizer):
     ``capturable`` optimizers take it, reaches the step without a host read, so the step can also be
     captured from outside (``tests/gpu``). The fallback AdamW group steps eagerly. The graph keeps the
     step's temporaries in its own memory pool. ``torch.compile(optimizer.step)`` traces the eager step into
-one graph with no break (tests/optim/test_contract.py, on CPU; benchmarks/speed/compile_check.py).
+    one graph with no break (tests/optim/test_contract.py, on CPU; benchmarks/speed/compile_check.py).
 
     Rank guard (not in the paper): a factor whose Cholesky fails or whose ``R`` is rank deficient is
     treated like ``B = 0``: ``R⁺ = 0``, so its partner does not move that step. Deficient means
@@ -475,8 +484,8 @@ one graph with no break (tests/optim/test_contract.py, on CPU; benchmarks/speed/
         """
         wide, grads, grams, crosses, gradient_grams = [], [], [], [], []
         for bucket in plan.buckets:
-            X = torch.stack([m if bucket.is_A else m.T for m in bucket.matrices]).to(plan.dtype)
-            G = torch.stack([g if bucket.is_A else g.T for g in self._matrix_grads(bucket)]).to(plan.dtype)
+            X = bucket.wide(bucket.params).to(plan.dtype)
+            G = bucket.wide([p.grad for p in bucket.params]).to(plan.dtype)
             X64 = X.double()
             grams.append(X64 @ X64.mT)  # X̄ᵀX̄, r × r
             crosses.append(X64 @ bucket.buffers["basis"].double().mT)  # X̄ᵀX̄'
@@ -510,10 +519,6 @@ one graph with no break (tests/optim/test_contract.py, on CPU; benchmarks/speed/
             "gram": _linalg.masked(keep, gram, 0.0), "squares": torch.where(keep, squares, 0.0),
             "skipped": (ok & ~keep).sum(),
         }  # fmt: skip
-
-    @staticmethod
-    def _matrix_grads(bucket: _Bucket) -> list[torch.Tensor]:
-        return [p.grad.reshape(m.shape) for p, m in zip(bucket.params, bucket.matrices)]
 
     def _clip(self, plans: list[_Plan], work: list[dict[str, Any]]) -> list[torch.Tensor | None]:
         """Phase 3: the global norm of all unmagnified gradients; per group, the factor that clips it."""
