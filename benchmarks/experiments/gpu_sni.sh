@@ -6,12 +6,12 @@
 # travel in three calls (each call carries at most 64 MiB), each within 30 s of the last:
 #   1. carry .gpu/a:             mkdir -p /tmp/stage && cp .gpu/a/part_00 /tmp/stage/
 #   2. carry .gpu/bb:            bash benchmarks/experiments/gpu_sni.sh data
-#   3. carry .gpu/b .gpu/whl:    bash benchmarks/experiments/gpu_sni.sh run [SECONDS] [tests]
+#   3. carry .gpu/b .gpu/whl:    bash benchmarks/experiments/gpu_sni.sh run [SECONDS] [PART]
 # (.gpu/whl also holds the wheels of rouge_score 0.1.2 (`pip wheel` of its sdist), nltk and defusedxml.)
 # (.gpu/a, .gpu/b, .gpu/whl from ../shared/tools/gpu-stage; .gpu/bb/ni.tar.xz is
 #  `tar cf - tasks/natural_instructions__* | xz` of ~/.cache/lorite/bigbench.)
-# With `tests` the same call also runs the CUDA tests of benchmarks/speed/gpu_jacobi.sh (issue 24) beside the
-# comparison (they check values and synchronisation, not time; the timings need an idle GPU).
+# With PART `tests` or `compile` the same call also runs that part of benchmarks/speed/gpu_jacobi.sh (issue 24)
+# beside the comparison (both check values, synchronisation and graph breaks, not time; timings need an idle GPU).
 # `run` again on the warm machine resumes the comparison from its finished runs (lorite compare does);
 # on a cold one, the finished runs' metrics committed in docs/results/sni_mixture_runs seed it
 # (gpu_experiments.sh). Everything but adapters and checkpoints comes back as $OUT/runs.tgz.
@@ -47,9 +47,9 @@ Path("/tmp/stage/converted").touch()
 print("model:", target)
 PY
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
-    if [ "${3:-}" = tests ]; then
-      (PART=tests OUT=$OUT/jacobi benchmarks/speed/gpu_jacobi.sh >/dev/null 2>&1 &)
-    fi
+    case ${3:-} in
+      tests|compile) (PART=$3 OUT=$OUT/jacobi benchmarks/speed/gpu_jacobi.sh >/dev/null 2>&1 &) ;;
+    esac
     # the time limit stops the whole process group (compare and its workers): `timeout` on the script
     # alone would wait for bash, which waits for compare, and the call would run past its own limit
     setsid benchmarks/experiments/gpu_experiments.sh sni_mixture &
@@ -60,9 +60,10 @@ PY
     echo "compare rc=$? (it resumes from the finished runs)"
     kill "$limit" 2>/dev/null
     grep -v "it/s" "$RUNS/sni_mixture.log" | tail -n 30
-    if [ "${3:-}" = tests ]; then
-      tail -n 25 "$OUT/jacobi/tests.txt"
-    fi
+    case ${3:-} in
+      tests) tail -n 25 "$OUT/jacobi/tests.txt" ;;
+      compile) cat "$OUT/jacobi/compile_check.txt" "$OUT/jacobi/graph_check.txt" ;;
+    esac
     benchmarks/experiments/gpu_progress.sh
     ;;
 esac
