@@ -17,8 +17,12 @@
 # (gpu_experiments.sh). Everything but adapters and checkpoints comes back as $OUT/runs.tgz.
 set -u
 cd "$(dirname "$0")/../.."  # the repo root
-# JOBS: each run peaks near 10 GB (batch 16 × 512 tokens); 14 of them filled the H200's 140 GB (2026-12-03)
-export LORITE_CACHE=/tmp/lc RUNS=/tmp/runs JOBS=${JOBS:-10} PYTHONUNBUFFERED=1
+# JOBS: training peaks near 10 GB a run (batch 16 × 512 tokens), but with the default CUDA allocator some
+# runs held 15-30 GB after a while (blocks reserved for the many shapes of variable-length batches and
+# of generation), and 10 runs filled the H200's 140 GB (2026-12-03; 4 fit). Expandable segments let the
+# allocator grow and reuse one mapping instead of keeping a block per shape.
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+export LORITE_CACHE=/tmp/lc RUNS=/tmp/runs JOBS=${JOBS:-8} PYTHONUNBUFFERED=1
 case ${1:-run} in
   data)
     mkdir -p "$LORITE_CACHE/bigbench" && tar xJf .gpu/bb/ni.tar.xz -C "$LORITE_CACHE/bigbench"
@@ -50,6 +54,12 @@ PY
     case ${3:-} in
       tests|compile) (PART=$3 OUT=$OUT/jacobi benchmarks/speed/gpu_jacobi.sh >/dev/null 2>&1 &) ;;
     esac
+    mkdir -p "$RUNS"
+    # memory per process every 30 s (comes back in runs.tgz): what JOBS the next session can afford
+    (while sleep 30; do
+       echo "$(date +%T) $(nvidia-smi --query-compute-apps=used_memory --format=csv,noheader,nounits | tr '\n' ' ')"
+     done >>"$RUNS/gpu_memory.log" 2>&1) &
+    monitor=$!
     # the time limit stops the whole process group (compare and its workers): `timeout` on the script
     # alone would wait for bash, which waits for compare, and the call would run past its own limit
     setsid benchmarks/experiments/gpu_experiments.sh sni_mixture &
@@ -58,7 +68,8 @@ PY
     limit=$!
     wait "$group"
     echo "compare rc=$? (it resumes from the finished runs)"
-    kill "$limit" 2>/dev/null
+    kill "$limit" "$monitor" 2>/dev/null
+    tail -n 3 "$RUNS/gpu_memory.log"
     grep -v "it/s" "$RUNS/sni_mixture.log" | tail -n 30
     case ${3:-} in
       tests) tail -n 25 "$OUT/jacobi/tests.txt" ;;

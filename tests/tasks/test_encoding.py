@@ -129,3 +129,38 @@ def test_chat_needs_a_template_that_keeps_earlier_turns(tokenizer):
 def test_parse_row_names_the_row_in_errors():
     with pytest.raises(LoriteError, match=r"^data\.jsonl: line 7: missing field 'completion'$"):
         parse_row({"prompt": "x"}, "data.jsonl: line 7")
+
+
+def test_target_log_probs_are_those_of_the_full_logits_in_chunks_without_autograd(monkeypatch):
+    """The head runs only at labelled positions, and in EVAL_HEAD_CHUNK pieces under no_grad (the memory
+    peak of large evaluation batches): the values are those of log_softmax over the full logits."""
+    import torch
+
+    from helpers import tiny_llama
+    from lorite.tasks import encoding
+
+    model = tiny_llama()
+    torch.manual_seed(1)
+    input_ids = torch.randint(0, 64, (3, 9))
+    labels = input_ids.clone()
+    labels[0, :4] = IGNORE  # a prompt without loss
+    labels[2, 6:] = IGNORE  # padding
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    logits = model(input_ids=input_ids).logits[:, :-1].double()
+    keep = labels[:, 1:] != IGNORE
+    expected = torch.log_softmax(logits, -1).gather(2, labels[:, 1:].clamp(min=0)[..., None])[..., 0][keep]
+
+    with_grad, rows = encoding.target_log_probs(model, batch)
+    with_grad.sum().backward()  # one head call, differentiable (training's loss)
+    assert model.lm_head.weight.grad is not None
+    monkeypatch.setattr(encoding, "EVAL_HEAD_CHUNK", 5)
+    with torch.no_grad():
+        chunked, chunked_rows = encoding.target_log_probs(model, batch)
+    assert keep.sum() == 5 + 8 + 5 == chunked.numel()  # 5 per chunk: 4 chunks, the last of 3
+    torch.testing.assert_close(chunked.double(), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(with_grad.detach().double(), expected, rtol=0, atol=1e-5)
+    assert chunked_rows.tolist() == rows.tolist() == [0] * 5 + [1] * 8 + [2] * 5
+    batch["labels"] = torch.full_like(labels, IGNORE)  # nothing labelled: empty, not an error
+    with torch.no_grad():
+        empty, empty_rows = encoding.target_log_probs(model, batch)
+    assert empty.shape == (0,) and empty_rows.shape == (0,)

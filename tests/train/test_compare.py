@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 
 import pytest
 
@@ -324,3 +325,56 @@ def test_finished_tasks_are_reported_as_compare_would_and_the_rest_listed(tmp_pa
 
 def test_lr_text_is_the_short_scientific_form():
     assert [lr_text(v) for v in (3e-4, 1e-2, 2.5e-3, 0.1, 3.0)] == ["3e-4", "1e-2", "2.5e-3", "1e-1", "3e0"]
+
+
+def test_resuming_into_runs_made_with_other_settings_is_refused(tmp_path):
+    """Runs are found by folder, so a changed config resumed into the same --out would mix runs that
+    computed different things; only the settings a resumed run may change (RESUMABLE_CHANGES) may differ."""
+    task, base = _tiny_comparison(tmp_path, steps=2, n_validation=8, n_test=8)
+    out, grids = tmp_path / "cmp", {"adamw": [1e-3]}
+    compare([task], ["adamw"], grids, 1, base, out, zero_shot=False, progress=False)
+    (out / "results.json").unlink()  # as if interrupted after its run
+    metrics = next(out.glob("*/adamw/lr0.001_seed0/metrics.json"))
+    made = metrics.read_text()
+    changed = replace(base, eval_batch_size=7)
+    with pytest.raises(
+        LoriteError, match=r"lr0.001_seed0 was run with other settings .*eval_batch_size 32 there, 7 here"
+    ):
+        compare([task], ["adamw"], grids, 1, changed, out, zero_shot=False, progress=False)
+    assert metrics.read_text() == made and not (out / "results.json").exists()
+    resumable = replace(base, keep_last=3)
+    results = compare([task], ["adamw"], grids, 1, resumable, out, zero_shot=False, progress=False)
+    assert metrics.read_text() == made, "the finished run is read back, not run again"
+    assert results["tasks"][task]["optimizers"]["adamw"]["best_lr"] == 1e-3
+
+
+def test_finished_runs_are_checked_on_the_arguments_they_recorded(tmp_path):
+    from lorite.train.compare import check_finished_runs, parse_optimizers
+
+    spec = {"label": "lora_rite", "optimizer": "lora_rite", "args": {"rank_tolerance": 0.0}}
+    base = {
+        k: v
+        for k, v in FinetuneConfig(task="a").__dict__.items()
+        if k not in ("task", "optimizer", "lr", "seed")
+    }
+
+    def stored(optimizer_kwargs, **settings):
+        folder = tmp_path / "a" / "lora_rite" / "lr0.01_seed0"
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {**base, "task": "a", "optimizer": "lora_rite", "lr": 0.01, "seed": 0}
+        config.update(optimizer_kwargs=optimizer_kwargs, **settings)
+        config.pop("transfer_task")  # a run from before the setting existed: it ran with the default
+        (folder / "metrics.json").write_text(json.dumps({"config": config}))
+
+    stored({})  # given no arguments: rank_tolerance was its default then (runs from before the guard)
+    check_finished_runs(tmp_path, ["a"], parse_optimizers([spec]), base)
+    stored({"rank_tolerance": 1e-3})
+    with pytest.raises(LoriteError, match=r"optimizer_kwargs \{'rank_tolerance': 0.001\} there"):
+        check_finished_runs(tmp_path, ["a"], parse_optimizers([spec]), base)
+    stored({}, steps=7)
+    with pytest.raises(LoriteError, match="steps 7 there, 200 here"):
+        check_finished_runs(tmp_path, ["a"], parse_optimizers([spec]), base)
+    with pytest.raises(LoriteError, match="transfer_task None there, 'b' here"):
+        stored({})
+        check_finished_runs(tmp_path, ["a"], parse_optimizers([spec]), {**base, "transfer_task": "b"})
+    check_finished_runs(tmp_path, ["other"], parse_optimizers([spec]), base)  # not this comparison's task

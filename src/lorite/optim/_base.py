@@ -318,9 +318,12 @@ class PairOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         On CUDA the count is copied to pinned memory asynchronously and looked at on a later step once the
         copy has completed, so the warning may come a step late but the step never waits for the GPU.
         """
-        if self._nonfinite_count is None or self._nonfinite_count.device != skipped_pairs.device:
-            self._nonfinite_count = torch.zeros((), dtype=torch.int64, device=skipped_pairs.device)
-        self._nonfinite_count += skipped_pairs.to(torch.int64)
+        counter = self._nonfinite_count
+        if counter is None or counter.device != skipped_pairs.device:
+            counter = self._nonfinite_count = torch.zeros((), dtype=torch.int64, device=skipped_pairs.device)
+        # in place, not `+=` on the attribute: torch.compile (2.11) refuses rebinding the optimizer's
+        # attributes inside a traced step
+        counter.add_(skipped_pairs.to(torch.int64))
         # a traced step (torch.compile) keeps counting but leaves the host-side probe to eager steps
         if torch.compiler.is_compiling():
             return

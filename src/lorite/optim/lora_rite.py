@@ -324,17 +324,19 @@ class LoRARite(PairOptimizer):
         self._plans = {}  # loaded state tensors are not views of any buffer: restack them on the next step
         self._captured = None
 
-    def _plans_for(self, group: dict[str, Any]) -> list[_Plan]:
-        """The plans for this step's pairs (those with gradients), built once and reused while valid."""
+    def _plans_for(self, position: int, group: dict[str, Any]) -> list[_Plan]:
+        """The plans for this step's pairs (those with gradients) of the ``position``-th pair group, built
+        once and reused while valid."""
         families: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
         for A, B in self.pairs_with_grads(group):
             dtype = _linalg.compute_dtype(torch.promote_types(A.dtype, B.dtype))
             families[(A.shape[0], dtype, A.device)].append((A, B))
         plans = []
         for (_, dtype, device), pairs in families.items():
-            key = (id(group), dtype, device, tuple(id(t) for pair in pairs for t in pair))
+            # the group by position, not id(): torch.compile (2.11) cannot trace id() of a dict
+            key = (position, dtype, device, tuple(id(t) for pair in pairs for t in pair))
             plan = self._plans.get(key)
-            if plan is None or not self._still_valid(plan):
+            if plan is None or plan.group is not group or not self._still_valid(plan):
                 plan = self._build_plan(key, group, pairs, dtype, device)
                 self._plans[key] = plan
             plans.append(plan)
@@ -401,7 +403,7 @@ class LoRARite(PairOptimizer):
 
     # ------------------------------------------------------------------ step, in phases
     def _step_pairs(self, groups: list[dict[str, Any]]) -> None:
-        plans = [plan for group in groups for plan in self._plans_for(group)]
+        plans = [plan for position, group in enumerate(groups) for plan in self._plans_for(position, group)]
         # keep only this step's plans: a plan holds buffers, and other subsets of pairs may come and go
         # (in place: torch.compile follows a dict's mutation, where older releases refuse rebinding an
         # attribute of the optimizer inside a traced step)
@@ -611,7 +613,8 @@ class LoRARite(PairOptimizer):
             else:
                 torch._foreach_copy_(bucket.matrices, list(new.mT.contiguous().unbind(0)))
             self._store(bucket, M, X, ok[at])
-        plan.views = [self.state[p]["first_moment"] for p in plan.params]
+        # in place: torch.compile (2.11) refuses rebinding an attribute of a plan built before the trace
+        plan.views[:] = [self.state[p]["first_moment"] for p in plan.params]
         buffers["basis_inverse"].copy_(_linalg.masked(ok, items["R_inv"], buffers["basis_inverse"]))
         buffers["second_moment"].copy_(V)
         buffers["eigenvalues"].copy_(_linalg.masked(ok, eigenvalues, buffers["eigenvalues"]))

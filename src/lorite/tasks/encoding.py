@@ -208,16 +208,29 @@ def decoder_and_head(model):
     return decoder, head
 
 
+# labelled positions per head call when no gradient is needed: an evaluation batch of 128 long answers
+# has ~16k of them, whose fp32 logits and log-softmax over a 49k vocabulary would take 6 GB at once
+EVAL_HEAD_CHUNK = 2048
+
+
 def target_log_probs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of the labelled tokens: ``(log_probs (T,), row_index (T,))`` for the T positions
-    whose label is not IGNORE, computing the head only there (the vocabulary is 49k wide)."""
+    whose label is not IGNORE, computing the head only there (the vocabulary is 49k wide) — and, without
+    autograd, ``EVAL_HEAD_CHUNK`` positions at a time (the same values, a bounded memory peak)."""
     decoder, head = decoder_and_head(model)
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
     rows = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[keep]
-    logits = head(hidden[:, :-1][keep]).float()
-    log_probs = torch.log_softmax(logits, dim=-1).gather(1, targets[keep][:, None]).squeeze(1)
+    states, labels = hidden[:, :-1][keep], targets[keep][:, None]
+    step = EVAL_HEAD_CHUNK if not torch.is_grad_enabled() else max(1, states.shape[0])
+    log_probs = torch.cat(
+        [
+            torch.log_softmax(head(states[at : at + step]).float(), dim=-1).gather(1, labels[at : at + step])
+            for at in range(0, states.shape[0], step)
+        ]
+        or [states.new_zeros((0, 1), dtype=torch.float32)]
+    ).squeeze(1)
     return log_probs, rows
 
 

@@ -11,7 +11,8 @@ Every run also evaluates the test split (so that an interrupted comparison can r
 ``metrics.json`` alone), but only the test metrics of the validation-chosen learning rate are read. A run
 whose ``metrics.json`` does not parse (a full disk, a copy cut short) counts as not run: ``compare`` says
 so on stderr, moves its folder aside into ``out/.damaged/`` and runs it again; ``--progress`` lists it as
-left.
+left. A finished run made with other settings than the comparison's (another eval batch size, more steps)
+stops the comparison before anything runs (:func:`check_finished_runs`), rather than being mixed in.
 
 An "optimizer" can be a registry name or a labelled variant — ``{"label": "lora_rite/no-escape",
 "optimizer": "lora_rite", "args": {"escape_mass": false}, "init_scale": 10}`` in a config file — so that
@@ -46,7 +47,7 @@ from ..errors import LoriteError
 from ..optim import available
 from ..runtime import check_output_dir
 from ..tasks import spec_members
-from .finetune import FinetuneConfig, evaluate_model, finetune
+from .finetune import RESUMABLE_CHANGES, FinetuneConfig, evaluate_model, finetune
 from .report import task_folder, write_report
 
 # Learning-rate grids for "--lrs auto": five log-spaced values around each method's usual range.
@@ -264,7 +265,21 @@ def _execute(base: dict[str, Any], run: RunSpec, out: str, progress: bool) -> tu
     folder = Path(out) / run.folder
     if (finished := read_run_metrics(Path(out), run, move_aside=True)) is not None:
         return run, finished
-    config = FinetuneConfig(
+    try:
+        return run, finetune(_run_config(base, run), out=folder, progress=progress)
+    finally:
+        _release_cached_gpu_memory()
+
+
+def _base_fields(base: FinetuneConfig) -> dict[str, Any]:
+    """The settings every run of a comparison shares (each run evaluates test: see the module docstring)."""
+    fields = {k: v for k, v in asdict(base).items() if k not in ("task", "optimizer", "lr", "seed")}
+    return {**fields, "skip_test": False}
+
+
+def _run_config(base: dict[str, Any], run: RunSpec) -> FinetuneConfig:
+    """The fine-tuning settings of ``run``: the comparison's ``base`` fields, the optimizer entry's own."""
+    return FinetuneConfig(
         **{
             **base,
             **run.spec.training,
@@ -276,10 +291,53 @@ def _execute(base: dict[str, Any], run: RunSpec, out: str, progress: bool) -> tu
             "seed": run.seed,
         }
     )
-    try:
-        return run, finetune(config, out=folder, progress=progress)
-    finally:
-        _release_cached_gpu_memory()
+
+
+def check_finished_runs(
+    out: Path, tasks: list[str], specs: list[OptimizerSpec], base: dict[str, Any]
+) -> None:
+    """Refuse to resume a comparison whose finished runs were made with other settings.
+
+    Runs are found by folder (task, optimizer label, lr, seed), so a changed config resumed into the same
+    ``out`` would otherwise choose learning rates and average seeds across runs that computed different
+    things (another eval batch size, more steps). Every finished run's ``metrics.json`` config must equal
+    what this comparison would run there, except the settings a resumed run may change
+    (``RESUMABLE_CHANGES``); a setting newer than the run counts as its default (the run computed that).
+    Optimizer arguments are compared where the run recorded them: a run records the arguments it was
+    given, not every hyperparameter, so one it lacks was its optimizer's default then (e.g. runs from
+    before ``rank_tolerance`` existed, which configs now pin to 0, what those runs computed).
+    Folders of other tasks or labels, and unreadable files (run again anyway), are left alone."""
+    by_folder = {task_folder(task): task for task in tasks}
+    by_label = {spec.label.replace("/", "__"): spec for spec in specs}
+    for file in sorted(out.glob("*/*/*/metrics.json")):
+        task, spec = by_folder.get(file.parents[2].name), by_label.get(file.parents[1].name)
+        if task is None or spec is None:
+            continue
+        try:
+            stored = json.loads(file.read_text())["config"]
+            run = RunSpec(task, spec, float(stored["lr"]), int(stored["seed"]))
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+        expected = _as_json(asdict(_run_config(base, run)))
+        defaults = _as_json(asdict(FinetuneConfig(task=task)))
+        recorded = {key: stored.get(key, defaults[key]) for key in expected}
+        if isinstance(recorded["optimizer_kwargs"], dict):  # only the arguments the run was given
+            recorded["optimizer_kwargs"] = {**expected["optimizer_kwargs"], **recorded["optimizer_kwargs"]}
+        differences = [
+            f"{key} {recorded[key]!r} there, {value!r} here"
+            for key, value in expected.items()
+            if key not in RESUMABLE_CHANGES and recorded[key] != value
+        ]
+        if differences:
+            raise LoriteError(
+                f"{file.parent} was run with other settings than this comparison's ({'; '.join(differences[:3])}): "
+                "resume with the settings it was made with, or use another --out"
+            )
+
+
+def _as_json(value: Any) -> Any:
+    """``value`` as it reads back from a metrics.json (tuples as lists, paths as strings)."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def _release_cached_gpu_memory() -> None:
@@ -323,8 +381,8 @@ def compare(
         raise LoriteError(
             f"output dir {str(out)!r} already holds a comparison (results.json); use another --out"
         )
-    base_fields = {k: v for k, v in asdict(base).items() if k not in ("task", "optimizer", "lr", "seed")}
-    base_fields["skip_test"] = False
+    base_fields = _base_fields(base)
+    check_finished_runs(out, tasks, specs, base_fields)
 
     def execute(run: RunSpec, pool=None):
         if pool is None:
@@ -461,6 +519,7 @@ def compare_finished_tasks(
     For a table that a lease cut short: the finished tasks' numbers, curves and plots are final, because
     :func:`compare` would choose and report exactly these runs. ``unfinished_tasks`` lists the rest."""
     report, schedule = _read_progress(tasks, optimizers, grids, seeds, out, widen)
+    check_finished_runs(Path(out), tasks, schedule.specs, _base_fields(base))
     finished = [
         task
         for task in tasks
