@@ -426,3 +426,41 @@ def test_warm_started_eigendecompositions_follow_the_cold_ones_over_100_steps(va
     assert torch.allclose(
         D.diagonal().sort().values, state["eigenvalues"].sort().values, atol=1e-6 * float(V.abs().max())
     )
+
+
+def test_the_kept_basis_is_orthonormal_and_a_checkpoint_keeping_the_factor_and_its_R_inverse_loads():
+    """The state keeps the previous step's basis ``Q'ᵀ = R'⁻ᵀX̄'ᵀ`` itself (orthonormal rows, r × rows), in
+    place of the factor and its ``R'⁻¹`` (one r × r tensor less per factor). A checkpoint from before keeps
+    ``basis = X̄'ᵀ`` and ``basis_inverse = R'⁻¹``: it loads as ``R'⁻ᵀX̄'ᵀ`` and trains on identically."""
+    model = tiny_peft(dtype=F64, seed=4)
+    optimizer = LoRARite.from_model(model, lr=1e-2)
+    data = batches(6, seed=2)
+    for ids in data[:3]:
+        lm_step(model, optimizer, ids)
+    pairs = find_lora_pairs(model).pairs
+    for factor in (pairs[0].A, pairs[0].B):
+        Q = optimizer.state[factor]["basis"]
+        assert "basis_inverse" not in optimizer.state[factor]
+        torch.testing.assert_close(Q @ Q.mT, torch.eye(Q.shape[0], dtype=F64), rtol=0, atol=1e-12)
+
+    twin_model = copy.deepcopy(model)
+    twin = LoRARite.from_model(twin_model, lr=1e-2)
+    saved = optimizer.state_dict()
+    old = copy.deepcopy(saved)
+    gen = torch.Generator().manual_seed(0)
+    for state in old["state"].values():
+        if "basis" in state:  # any invertible upper-triangular R' with X̄'ᵀ = R'ᵀQ'ᵀ: an old checkpoint's pair
+            r = state["basis"].shape[0]
+            R = torch.triu(torch.rand(r, r, generator=gen, dtype=F64)) + torch.eye(r, dtype=F64)
+            state["basis"], state["basis_inverse"] = R.mT @ state["basis"], torch.linalg.inv(R)
+    twin.load_state_dict(old)
+    for p, q in zip(
+        (f for pair in pairs for f in (pair.A, pair.B)),
+        (f for pair in find_lora_pairs(twin_model).pairs for f in (pair.A, pair.B)),
+    ):
+        assert "basis_inverse" not in twin.state[q]
+        torch.testing.assert_close(twin.state[q]["basis"], optimizer.state[p]["basis"], rtol=0, atol=1e-12)
+    for ids in data[3:]:
+        lm_step(model, optimizer, ids)
+        lm_step(twin_model, twin, ids)
+    assert max_relative_gap(deltas(model), deltas(twin_model)) < 1e-10

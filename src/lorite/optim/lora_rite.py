@@ -39,14 +39,7 @@ VARIANT_LR: dict[str, float] = {"paper": 1e-2, "reference": 1e-3}
 
 
 _BIG_STATE = ("first_moment", "basis")  # (r, rows) per factor: one buffer per bucket
-_SMALL_STATE = (
-    "step",
-    "second_moment",
-    "eigenvalues",
-    "escaped_mass",
-    "basis_inverse",
-    "eigenvectors",
-)  # one buffer per plan
+_SMALL_STATE = ("step", "second_moment", "eigenvalues", "escaped_mass", "eigenvectors")  # one buffer per plan
 _STATE_KEYS = _SMALL_STATE + _BIG_STATE
 
 
@@ -183,8 +176,10 @@ class LoRARite(PairOptimizer):
     Implementation (``benchmarks/speed/optimizer_step.py``): factors of equal shape form buckets whose state
     lives in persistent stacked buffers (the per-parameter state entries are views into them), so each
     phase is a few batched calls per bucket plus one batched call over all ``r × r`` matrices. No ``Q`` is
-    ever formed: ``R`` comes from a float64 Cholesky of ``X̄ᵀX̄`` and the basis change from the previous
-    factor, ``QᵀQ' = R⁻ᵀ(X̄ᵀX̄')R'⁻¹`` (``torch.linalg.qr`` loops over the batch on CUDA). Row-sized data is
+    ever formed within a step: ``R`` comes from a float64 Cholesky of ``X̄ᵀX̄``, and the basis change from
+    the previous step's basis ``Q' = X̄'R'⁻¹``, kept in the state (``r × rows``, the size of the factor, in
+    place of the factor itself and its ``R⁻¹``), as ``QᵀQ' = R⁻ᵀ(X̄ᵀQ')`` (``torch.linalg.qr`` loops over
+    the batch on CUDA). Row-sized data is
     held as ``r × rows`` so that every big product is ``(r × r)·(r × rows)``. The ``r × r``
     eigendecompositions use lorite's Triton Jacobi kernels on CUDA at every rank (``torch.linalg.eigh``
     synchronises with the host; see ``_linalg.eigh_small``), so ``step()`` reads no tensor value on the
@@ -321,6 +316,10 @@ class LoRARite(PairOptimizer):
     # ------------------------------------------------------------------ state layout
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        for state in self.state.values():
+            inverse = state.pop("basis_inverse", None)
+            if inverse is not None and "basis" in state:  # saved before the basis Q' itself was kept: the
+                state["basis"] = inverse.mT @ state["basis"]  # factor X̄'ᵀ and its R'⁻¹, so Q'ᵀ = R'⁻ᵀX̄'ᵀ
         self._plans = {}  # loaded state tensors are not views of any buffer: restack them on the next step
         self._captured = None
 
@@ -377,11 +376,11 @@ class LoRARite(PairOptimizer):
             "second_moment": lambda rows: torch.zeros(rank, rank, **zeros),  # V, r × r
             "eigenvalues": lambda rows: torch.zeros(rank, **zeros),  # of V, for the next escaped mass
             "escaped_mass": lambda rows: torch.zeros((), **zeros),  # ρ
-            "basis_inverse": lambda rows: torch.zeros(rank, rank, **zeros),  # R⁻¹ of the previous factor
             # of V: the next step's warm start (0 = none yet: that step starts cold)
             "eigenvectors": lambda rows: torch.zeros(rank, rank, **zeros),
             "first_moment": lambda rows: torch.zeros(rank, rows, **zeros),  # Mᵀ, in the partner's basis
-            "basis": lambda rows: torch.zeros(rank, rows, **zeros),  # the factor (wide) at its last update
+            # Qᵀ = R⁻ᵀX̄ᵀ of the factor at its last update (wide; 0 = none yet: the first P is 0)
+            "basis": lambda rows: torch.zeros(rank, rows, **zeros),
         }
 
         def stacked(key, members, rows):
@@ -478,7 +477,7 @@ class LoRARite(PairOptimizer):
 
         No ``Q`` is formed. ``R`` is the Cholesky factor of the Gram matrix ``X̄ᵀX̄``, computed in float64
         (exact for the fp32 data, well conditioned up to cond(X̄) ~ 1e7). With ``Q = X̄R⁻¹`` and the
-        previous factor ``X̄'`` kept with its ``R'⁻¹``: ``QᵀQ' = R⁻ᵀ (X̄ᵀX̄') R'⁻¹``; ``ḡ = ∇X̄ R⁺_partner``
+        previous basis ``Q'`` from the state: ``QᵀQ' = R⁻ᵀ (X̄ᵀQ')``; ``ḡ = ∇X̄ R⁺_partner``
         has Gram matrix ``R⁺ᵀ (∇X̄ᵀ∇X̄) R⁺``, its squared norm is that matrix's trace, and ``S = ḡK`` is
         formed later as ``∇X̄ (R⁺K)``. Non-finite pairs (either factor's gradient) and skipped factors get
         ``ḡ = 0``. A factor whose Cholesky fails or whose ``R`` is numerically singular gets ``R⁺ = 0``
@@ -490,7 +489,7 @@ class LoRARite(PairOptimizer):
             G = bucket.wide([p.grad for p in bucket.params]).to(plan.dtype)
             X64 = X.double()
             grams.append(X64 @ X64.mT)  # X̄ᵀX̄, r × r
-            crosses.append(X64 @ bucket.buffers["basis"].double().mT)  # X̄ᵀX̄'
+            crosses.append(X64 @ bucket.buffers["basis"].double().mT)  # X̄ᵀQ'
             wide.append(X)
             grads.append(G)
             gradient_grams.append(G @ G.mT)  # ∇X̄ᵀ∇X̄
@@ -501,7 +500,7 @@ class LoRARite(PairOptimizer):
             relative_tolerance=float(plan.group.get("rank_tolerance", 0.0)),
         )
         R_inv64 = _linalg.triangular_inverse(R, full)
-        basis_change = R_inv64.mT @ torch.cat(crosses) @ plan.buffers["basis_inverse"].double()  # QᵀQ'
+        basis_change = R_inv64.mT @ torch.cat(crosses)  # QᵀQ'
         R_inv = R_inv64.to(plan.dtype)
         R_inv_partner = R_inv.index_select(0, plan.partner)
         gram = R_inv_partner.mT @ torch.cat(gradient_grams) @ R_inv_partner  # ḡᵀḡ
@@ -612,10 +611,9 @@ class LoRARite(PairOptimizer):
                 torch._foreach_copy_(bucket.matrices, list(new.unbind(0)))
             else:
                 torch._foreach_copy_(bucket.matrices, list(new.mT.contiguous().unbind(0)))
-            self._store(bucket, M, X, ok[at])
+            self._store(bucket, M, items["R_inv"][at].mT @ X, ok[at])  # this step's basis Qᵀ = R⁻ᵀX̄ᵀ
         # in place: torch.compile (2.11) refuses rebinding an attribute of a plan built before the trace
         plan.views[:] = [self.state[p]["first_moment"] for p in plan.params]
-        buffers["basis_inverse"].copy_(_linalg.masked(ok, items["R_inv"], buffers["basis_inverse"]))
         buffers["second_moment"].copy_(V)
         buffers["eigenvalues"].copy_(_linalg.masked(ok, eigenvalues, buffers["eigenvalues"]))
         buffers["eigenvectors"].copy_(_linalg.masked(ok, eigenvectors, buffers["eigenvectors"]))
@@ -647,18 +645,18 @@ class LoRARite(PairOptimizer):
         orthonormal = (W @ _linalg.triangular_inverse(R, ok)).to(V.dtype)
         return _linalg.masked(ok, orthonormal, torch.eye(W.shape[-1], dtype=V.dtype, device=V.device))
 
-    def _store(self, bucket: _Bucket, M: torch.Tensor, X: torch.Tensor, ok: torch.Tensor) -> None:
-        """Keep the new first moment, and the factor as it was this step (the next step's basis). On CUDA
+    def _store(self, bucket: _Bucket, M: torch.Tensor, Q: torch.Tensor, ok: torch.Tensor) -> None:
+        """Keep the new first moment, and this step's basis ``Q`` (wide; the next step's ``Q'``). On CUDA
         they are copied into the persistent buffers, so that a captured CUDA graph finds them at fixed
         addresses; on CPU, where copying every factor costs more than the step's arithmetic, the new
         tensors become the buffers and the state views follow."""
         buffers = bucket.buffers
         if M.is_cuda:
             buffers["first_moment"].copy_(M)
-            torch.where(ok[:, None, None], X, buffers["basis"], out=buffers["basis"])
+            torch.where(ok[:, None, None], Q, buffers["basis"], out=buffers["basis"])
             return
         buffers["first_moment"] = M
-        buffers["basis"] = _linalg.masked(ok, X, buffers["basis"])
+        buffers["basis"] = _linalg.masked(ok, Q, buffers["basis"])
         for p, moment, basis in zip(bucket.params, M.unbind(0), buffers["basis"].unbind(0)):
             state = self.state[p]
             state["first_moment"], state["basis"] = moment, basis
