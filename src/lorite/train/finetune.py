@@ -218,11 +218,16 @@ def base_dtype(config: FinetuneConfig, device: torch.device) -> str:
 
 
 def evaluate(model, tokenizer, data: TaskData, split: str, config: FinetuneConfig, progress: bool) -> dict:
-    """:func:`lorite.tasks.evaluate_split` at ``config.eval_batch_size``."""
-    return evaluate_split(
+    """:func:`lorite.tasks.evaluate_split` at ``config.eval_batch_size``. On CUDA the blocks evaluation
+    cached (generation's many shapes) go back to the device afterwards: runs that share a GPU evaluate at
+    different times, and each would otherwise keep its evaluation peak reserved while it trains."""
+    metrics = evaluate_split(
         model, tokenizer, data, split, config.eval_batch_size, progress=progress,
         classification_score=config.classification_score,
     )  # fmt: skip
+    if next(model.parameters()).is_cuda:
+        torch.cuda.empty_cache()
+    return metrics
 
 
 def evaluate_model(config: FinetuneConfig, adapter: str | Path | None = None, progress: bool = False) -> dict:
