@@ -342,6 +342,9 @@ def test_resuming_into_runs_made_with_other_settings_is_refused(tmp_path):
     ):
         compare([task], ["adamw"], grids, 1, changed, out, zero_shot=False, progress=False)
     assert metrics.read_text() == made and not (out / "results.json").exists()
+    with pytest.raises(LoriteError, match="eval_batch_size 32 there, 7 here"):  # --progress says so too
+        compare_progress([task], ["adamw"], grids, 1, out, base=changed)
+    assert compare_progress([task], ["adamw"], grids, 1, out, base=base)["finished"] == 1
     resumable = replace(base, keep_last=3)
     results = compare([task], ["adamw"], grids, 1, resumable, out, zero_shot=False, progress=False)
     assert metrics.read_text() == made, "the finished run is read back, not run again"

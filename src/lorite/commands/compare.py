@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> None:
     if args.report and not args.progress:
         raise LoriteError("--report goes with --progress (a finished comparison writes its own report)")
     if args.progress:
-        report = compare_progress(tasks, optimizers, grids, seeds, out, widen=widen)
+        report = compare_progress(tasks, optimizers, grids, seeds, out, widen=widen, base=base)
         print(progress_markdown(report), end="")
         if args.report:
             write_finished_report(tasks, optimizers, grids, seeds, out, base, widen, Path(args.report))

@@ -487,8 +487,11 @@ def compare_progress(
     seeds: int,
     out: str | Path,
     widen: int = 0,
+    base: FinetuneConfig | None = None,
 ) -> dict:
-    """What ``out`` holds of a comparison and which runs are left; trains nothing.
+    """What ``out`` holds of a comparison and which runs are left; trains nothing. With ``base`` (the
+    comparison's settings, as :func:`compare` takes them) finished runs made with other settings are
+    refused, as :func:`compare` refuses them (:func:`check_finished_runs`).
 
     The same schedule as :func:`compare` (grids widened past an edge best, seeds at the best lr), read
     against the runs' ``metrics.json``, so an interrupted comparison (a lease that ended, a killed job)
@@ -501,7 +504,10 @@ def compare_progress(
     the schedule does not use (e.g. seeds at a best lr that a widened grid has since replaced). A best lr
     from an unfinished grid is provisional (``grid_finished`` false).
     """
-    return _read_progress(tasks, optimizers, grids, seeds, out, widen)[0]
+    report, schedule = _read_progress(tasks, optimizers, grids, seeds, out, widen)
+    if base is not None:
+        check_finished_runs(Path(out), tasks, schedule.specs, _base_fields(base))
+    return report
 
 
 def compare_finished_tasks(
