@@ -428,39 +428,97 @@ def test_warm_started_eigendecompositions_follow_the_cold_ones_over_100_steps(va
     )
 
 
-def test_the_kept_basis_is_orthonormal_and_a_checkpoint_keeping_the_factor_and_its_R_inverse_loads():
-    """The state keeps the previous step's basis ``Q'ᵀ = R'⁻ᵀX̄'ᵀ`` itself (orthonormal rows, r × rows), in
-    place of the factor and its ``R'⁻¹`` (one r × r tensor less per factor). A checkpoint from before keeps
-    ``basis = X̄'ᵀ`` and ``basis_inverse = R'⁻¹``: it loads as ``R'⁻ᵀX̄'ᵀ`` and trains on identically."""
+def _wide(factor, is_A):
+    """A factor's wide view (r × rows): A as it is, B transposed."""
+    return factor.detach().reshape(factor.shape[0], -1) if is_A else factor.detach().mT
+
+
+def _basis(wide):
+    """``Qᵀ = R⁻ᵀX̄ᵀ`` of a factor's wide view, with ``R`` the Cholesky factor of ``X̄ᵀX̄`` (upper, as
+    LoRA-RITE forms it)."""
+    L = torch.linalg.cholesky(wide @ wide.mT)
+    return torch.linalg.solve_triangular(L, wide, upper=False)
+
+
+def test_the_state_keeps_the_overlap_with_the_last_basis_and_checkpoints_keeping_the_basis_load():
+    """Per factor the state holds one ``r × rows`` tensor, the first moment (AdamW holds two), and
+    ``r × r`` ones: among them the overlap ``X̄ᵀQ'`` of the factor with its basis ``Q'`` at its last
+    update, which gives the next basis change ``QᵀQ' = R⁻ᵀ(X̄ᵀQ')``. Checkpoints from before keep ``Q'ᵀ``
+    itself (``basis``), or ``X̄'ᵀ`` and ``R'⁻¹`` (``basis``, ``basis_inverse``): both load and train on
+    identically."""
     model = tiny_peft(dtype=F64, seed=4)
     optimizer = LoRARite.from_model(model, lr=1e-2)
     data = batches(6, seed=2)
-    for ids in data[:3]:
-        lm_step(model, optimizer, ids)
     pairs = find_lora_pairs(model).pairs
-    for factor in (pairs[0].A, pairs[0].B):
-        Q = optimizer.state[factor]["basis"]
-        assert "basis_inverse" not in optimizer.state[factor]
-        torch.testing.assert_close(Q @ Q.mT, torch.eye(Q.shape[0], dtype=F64), rtol=0, atol=1e-12)
-
-    twin_model = copy.deepcopy(model)
-    twin = LoRARite.from_model(twin_model, lr=1e-2)
-    saved = optimizer.state_dict()
-    old = copy.deepcopy(saved)
-    gen = torch.Generator().manual_seed(0)
-    for state in old["state"].values():
-        if "basis" in state:  # any invertible upper-triangular R' with X̄'ᵀ = R'ᵀQ'ᵀ: an old checkpoint's pair
-            r = state["basis"].shape[0]
-            R = torch.triu(torch.rand(r, r, generator=gen, dtype=F64)) + torch.eye(r, dtype=F64)
-            state["basis"], state["basis_inverse"] = R.mT @ state["basis"], torch.linalg.inv(R)
-    twin.load_state_dict(old)
-    for p, q in zip(
-        (f for pair in pairs for f in (pair.A, pair.B)),
-        (f for pair in find_lora_pairs(twin_model).pairs for f in (pair.A, pair.B)),
-    ):
-        assert "basis_inverse" not in twin.state[q]
-        torch.testing.assert_close(twin.state[q]["basis"], optimizer.state[p]["basis"], rtol=0, atol=1e-12)
-    for ids in data[3:]:
+    factors = [(pair.A, True) for pair in pairs] + [(pair.B, False) for pair in pairs]
+    for ids in data[:2]:
         lm_step(model, optimizer, ids)
-        lm_step(twin_model, twin, ids)
-    assert max_relative_gap(deltas(model), deltas(twin_model)) < 1e-10
+    before = [_wide(f, is_A).clone() for f, is_A in factors]
+    lm_step(model, optimizer, data[2])
+    r = pairs[0].A.shape[0]
+    adamw_bytes = 2 * sum(f.numel() * f.element_size() for f, _ in factors)
+    state_bytes = 0
+    for (factor, is_A), previous in zip(factors, before):
+        state = optimizer.state[factor]
+        rows = factor[0].numel() if is_A else factor.shape[0]
+        shapes = {key: tuple(value.shape) for key, value in state.items()}
+        assert shapes == {
+            "step": (), "second_moment": (r, r), "eigenvalues": (r,), "escaped_mass": (),
+            "eigenvectors": (r, r), "basis_overlap": (r, r), "first_moment": (r, rows),
+        }  # fmt: skip
+        expected = _wide(factor, is_A) @ _basis(previous).mT
+        torch.testing.assert_close(state["basis_overlap"], expected, rtol=0, atol=1e-12)
+        state_bytes += sum(value.numel() * value.element_size() for value in state.values())
+    # AdamW's first moment, three r × r matrices, r eigenvalues, ρ (float64 here) and the fp32 step count
+    assert state_bytes == adamw_bytes // 2 + len(factors) * (8 * (3 * r * r + r + 1) + 4)
+
+    saved = optimizer.state_dict()
+    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    gen = torch.Generator().manual_seed(0)
+    for keeps_inverse in (False, True):
+        old = copy.deepcopy(saved)
+        for (factor, _), previous in zip(factors, before):
+            state = old["state"][index[id(factor)]]
+            del state["basis_overlap"]
+            state["basis"] = _basis(previous)  # Q'ᵀ, r × rows
+            if keeps_inverse:  # any invertible upper-triangular R' with X̄'ᵀ = R'ᵀQ'ᵀ
+                R = torch.triu(torch.rand(r, r, generator=gen, dtype=F64)) + torch.eye(r, dtype=F64)
+                state["basis"], state["basis_inverse"] = R.mT @ state["basis"], torch.linalg.inv(R)
+        twin_model = copy.deepcopy(model)
+        twin = LoRARite.from_model(twin_model, lr=1e-2)
+        twin.load_state_dict(old)
+        reference_model = copy.deepcopy(model)
+        reference = LoRARite.from_model(reference_model, lr=1e-2)
+        reference.load_state_dict(saved)
+        for ids in data[3:]:
+            lm_step(reference_model, reference, ids)
+            lm_step(twin_model, twin, ids)
+        for pair in find_lora_pairs(twin_model).pairs:
+            assert "basis" not in twin.state[pair.A] and "basis_inverse" not in twin.state[pair.B]
+        assert max_relative_gap(deltas(reference_model), deltas(twin_model)) < 1e-10
+        assert max_relative_gap(deltas(reference_model), deltas(model)) > 1e-3, "the twins trained on"
+
+
+def test_the_overlap_is_taken_with_the_factor_as_stored_in_its_own_dtype():
+    """bf16 factors: the next step reads the update rounded to bf16, so the kept overlap ``X̄ᵀQ'`` is of
+    the rounded factor (the fp32 update before rounding is ~4e-3 away)."""
+    gen = torch.Generator().manual_seed(3)
+    pairs = [
+        ((torch.randn(4, 24, generator=gen) / 5).bfloat16().requires_grad_(),
+         (torch.randn(20, 4, generator=gen) / 5).bfloat16().requires_grad_())
+        for _ in range(2)
+    ]  # fmt: skip
+    targets = [torch.randn(20, 24, generator=gen) for _ in pairs]
+    optimizer = LoRARite(pairs, lr=3e-2)
+    for _ in range(3):
+        before = [(_wide(A, True).double(), _wide(B, False).double()) for A, B in pairs]
+        loss = sum(((B.float() @ A.float() - T) ** 2).mean() for (A, B), T in zip(pairs, targets))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for (A, B), (A_before, B_before) in zip(pairs, before):
+        for factor, is_A, previous in ((A, True, A_before), (B, False, B_before)):
+            expected = _wide(factor, is_A).double() @ _basis(previous).mT
+            torch.testing.assert_close(
+                optimizer.state[factor]["basis_overlap"], expected, rtol=1e-5, atol=1e-6
+            )

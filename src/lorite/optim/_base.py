@@ -95,6 +95,8 @@ class PairOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
     pair_defaults: ClassVar[dict[str, Any]] = {}
     #: Whether the update is invariant to (A, B) -> (T⁻¹A, BT); such optimizers warn about raw clipping.
     transformation_invariant: ClassVar[bool] = False
+    #: Pair-group state keys held in float64 whatever the parameter's dtype (load_state_dict keeps them so).
+    float64_state_keys: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(
         self,
@@ -362,7 +364,8 @@ class PairOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
 
         torch casts every floating state tensor to its parameter's dtype, which would turn the fp32
         moments of bf16 LoRA factors into bf16. Pair-group state is restored in
-        ``promote_types(param.dtype, float32)`` on the parameter's device, and always as a copy: torch keeps
+        ``promote_types(param.dtype, float32)`` (float64 for :attr:`float64_state_keys`) on the parameter's
+        device, and always as a copy: torch keeps
         the given tensors where no cast is needed, so an optimizer loaded from another live one's
         ``state_dict()`` would share its state and see that optimizer's later steps (with LoRA-RITE, the
         twin of a 3-step run drifted by 5e-3 after 5 more steps; ``test_loaded_state_is_a_copy``).
@@ -379,7 +382,11 @@ class PairOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
                     continue
                 dtype = compute_dtype(p.dtype)
                 self.state[p] = {
-                    key: value.to(device=p.device, dtype=dtype, copy=True)
+                    key: value.to(
+                        device=p.device,
+                        dtype=torch.float64 if key in self.float64_state_keys else dtype,
+                        copy=True,
+                    )
                     if isinstance(value, torch.Tensor) and value.is_floating_point()
                     else value.clone()
                     if isinstance(value, torch.Tensor)

@@ -38,9 +38,9 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
 VARIANT_LR: dict[str, float] = {"paper": 1e-2, "reference": 1e-3}
 
 
-_BIG_STATE = ("first_moment", "basis")  # (r, rows) per factor: one buffer per bucket
-_SMALL_STATE = ("step", "second_moment", "eigenvalues", "escaped_mass", "eigenvectors")  # one buffer per plan
-_STATE_KEYS = _SMALL_STATE + _BIG_STATE
+_BIG_STATE = ("first_moment",)  # (r, rows) per factor: one buffer per bucket
+# one buffer per plan; basis_overlap (r × r, float64) in place of the previous basis Q' (r × rows)
+_SMALL_STATE = ("step", "second_moment", "eigenvalues", "escaped_mass", "eigenvectors", "basis_overlap")
 
 
 @dataclass
@@ -56,7 +56,7 @@ class _Bucket:
     params: list[torch.Tensor]
     positions: slice  # where these factors sit in the plan's factor order
     rows: int  # rows of the tall view
-    buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # first_moment, basis: (N, r, rows)
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # first_moment: (N, r, rows)
 
     @property
     def matrices(self) -> list[torch.Tensor]:
@@ -85,7 +85,7 @@ class _Plan:
     partner: torch.Tensor  # (F,) position of every factor's partner
     rows: torch.Tensor  # (F,) rows of every factor's tall view
     dtype: torch.dtype
-    buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # step, second_moment, escaped_mass
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # _SMALL_STATE, stacked over factors
     views: list[torch.Tensor] = field(default_factory=list)  # state[p]["first_moment"] as this plan set it
 
 
@@ -176,10 +176,15 @@ class LoRARite(PairOptimizer):
     Implementation (``benchmarks/speed/optimizer_step.py``): factors of equal shape form buckets whose state
     lives in persistent stacked buffers (the per-parameter state entries are views into them), so each
     phase is a few batched calls per bucket plus one batched call over all ``r × r`` matrices. No ``Q`` is
-    ever formed within a step: ``R`` comes from a float64 Cholesky of ``X̄ᵀX̄``, and the basis change from
-    the previous step's basis ``Q' = X̄'R'⁻¹``, kept in the state (``r × rows``, the size of the factor, in
-    place of the factor itself and its ``R⁻¹``), as ``QᵀQ' = R⁻ᵀ(X̄ᵀQ')`` (``torch.linalg.qr`` loops over
-    the batch on CUDA). Row-sized data is
+    formed at the start of a step: ``R`` comes from a float64 Cholesky of ``X̄ᵀX̄`` (``torch.linalg.qr``
+    loops over the batch on CUDA), and the basis change as ``QᵀQ' = R⁻ᵀ(X̄ᵀQ')``. The overlap ``X̄ᵀQ'`` of
+    the factor with its previous basis ``Q' = X̄'R'⁻¹`` is formed by the previous step, right after it
+    wrote ``X̄``, and kept (``r × r``, float64): keeping ``Q'`` itself would cost ``r × rows``, the size of
+    the factor, and put the state ``r/rows`` above AdamW's (+18 % on SmolLM2 at r = 128, whose k/v
+    projections have 192 rows); this way it is below AdamW's at every rank (one ``r × rows`` moment against
+    AdamW's two). So the factors must change only through this optimizer between its steps (a checkpoint
+    loads them with the state that matches them); after writing other values into them, build a new
+    optimizer: its moments describe the old factors anyway. Row-sized data is
     held as ``r × rows`` so that every big product is ``(r × r)·(r × rows)``. The ``r × r``
     eigendecompositions use lorite's Triton Jacobi kernels on CUDA at every rank (``torch.linalg.eigh``
     synchronises with the host; see ``_linalg.eigh_small``), so ``step()`` reads no tensor value on the
@@ -219,6 +224,7 @@ class LoRARite(PairOptimizer):
     """
 
     transformation_invariant: ClassVar[bool] = True
+    float64_state_keys: ClassVar[frozenset[str]] = frozenset({"basis_overlap"})
     pair_defaults: ClassVar[dict[str, Any]] = {
         "variant": "paper",
         "betas": (0.9, 0.999),
@@ -320,6 +326,8 @@ class LoRARite(PairOptimizer):
             inverse = state.pop("basis_inverse", None)
             if inverse is not None and "basis" in state:  # saved before the basis Q' itself was kept: the
                 state["basis"] = inverse.mT @ state["basis"]  # factor X̄'ᵀ and its R'⁻¹, so Q'ᵀ = R'⁻ᵀX̄'ᵀ
+            # a "basis" Q'ᵀ (saved before the overlap X̄ᵀQ' was kept in its place) becomes the overlap when
+            # the next step stacks the state (_build_plan), against the factor as that step finds it
         self._plans = {}  # loaded state tensors are not views of any buffer: restack them on the next step
         self._captured = None
 
@@ -378,10 +386,16 @@ class LoRARite(PairOptimizer):
             "escaped_mass": lambda rows: torch.zeros((), **zeros),  # ρ
             # of V: the next step's warm start (0 = none yet: that step starts cold)
             "eigenvectors": lambda rows: torch.zeros(rank, rank, **zeros),
+            # X̄ᵀQ': the factor against its basis Q' at its last update (0 = none yet: the first P is 0)
+            "basis_overlap": lambda rows: torch.zeros(rank, rank, dtype=torch.float64, device=device),
             "first_moment": lambda rows: torch.zeros(rank, rows, **zeros),  # Mᵀ, in the partner's basis
-            # Qᵀ = R⁻ᵀX̄ᵀ of the factor at its last update (wide; 0 = none yet: the first P is 0)
-            "basis": lambda rows: torch.zeros(rank, rows, **zeros),
         }
+        for bucket in buckets:
+            for p in bucket.params:
+                basis = self.state[p].pop("basis", None) if p in self.state else None
+                if basis is not None:  # a checkpoint that kept Q'ᵀ (wide, r × rows): X̄ᵀQ' from the factor now
+                    X = bucket.wide([p.detach()]).to(device=device, dtype=torch.float64)
+                    self.state[p]["basis_overlap"] = (X @ basis.to(X).mT)[0]
 
         def stacked(key, members, rows):
             return torch.stack(
@@ -477,19 +491,19 @@ class LoRARite(PairOptimizer):
 
         No ``Q`` is formed. ``R`` is the Cholesky factor of the Gram matrix ``X̄ᵀX̄``, computed in float64
         (exact for the fp32 data, well conditioned up to cond(X̄) ~ 1e7). With ``Q = X̄R⁻¹`` and the
-        previous basis ``Q'`` from the state: ``QᵀQ' = R⁻ᵀ (X̄ᵀQ')``; ``ḡ = ∇X̄ R⁺_partner``
+        overlap ``X̄ᵀQ'`` with the previous basis, kept by the last step: ``QᵀQ' = R⁻ᵀ (X̄ᵀQ')``;
+        ``ḡ = ∇X̄ R⁺_partner``
         has Gram matrix ``R⁺ᵀ (∇X̄ᵀ∇X̄) R⁺``, its squared norm is that matrix's trace, and ``S = ḡK`` is
         formed later as ``∇X̄ (R⁺K)``. Non-finite pairs (either factor's gradient) and skipped factors get
         ``ḡ = 0``. A factor whose Cholesky fails or whose ``R`` is numerically singular gets ``R⁺ = 0``
         (the ``pinv(0) = 0`` of peft's ``B = 0`` start).
         """
-        wide, grads, grams, crosses, gradient_grams = [], [], [], [], []
+        wide, grads, grams, gradient_grams = [], [], [], []
         for bucket in plan.buckets:
             X = bucket.wide(bucket.params).to(plan.dtype)
             G = bucket.wide([p.grad for p in bucket.params]).to(plan.dtype)
             X64 = X.double()
             grams.append(X64 @ X64.mT)  # X̄ᵀX̄, r × r
-            crosses.append(X64 @ bucket.buffers["basis"].double().mT)  # X̄ᵀQ'
             wide.append(X)
             grads.append(G)
             gradient_grams.append(G @ G.mT)  # ∇X̄ᵀ∇X̄
@@ -500,7 +514,7 @@ class LoRARite(PairOptimizer):
             relative_tolerance=float(plan.group.get("rank_tolerance", 0.0)),
         )
         R_inv64 = _linalg.triangular_inverse(R, full)
-        basis_change = R_inv64.mT @ torch.cat(crosses)  # QᵀQ'
+        basis_change = R_inv64.mT @ plan.buffers["basis_overlap"]  # QᵀQ' = R⁻ᵀ(X̄ᵀQ')
         R_inv = R_inv64.to(plan.dtype)
         R_inv_partner = R_inv.index_select(0, plan.partner)
         gram = R_inv_partner.mT @ torch.cat(gradient_grams) @ R_inv_partner  # ḡᵀḡ
@@ -600,6 +614,7 @@ class LoRARite(PairOptimizer):
         remagnify = step_size[:, None, None] * items["R_inv_partner"]  # η R⁺_partner
         cap = float(group["update_capping"])
         weight_decay = float(group["weight_decay"])
+        overlaps = []  # X̄ᵀQ' of the next step, per bucket
         for bucket, X, G in zip(plan.buckets, items["wide"], items["grads"]):
             at = bucket.positions
             M = torch.baddbmm(gradient_map[at] @ G, rotation[at], bucket.buffers["first_moment"])
@@ -611,9 +626,16 @@ class LoRARite(PairOptimizer):
                 torch._foreach_copy_(bucket.matrices, list(new.unbind(0)))
             else:
                 torch._foreach_copy_(bucket.matrices, list(new.mT.contiguous().unbind(0)))
-            self._store(bucket, M, items["R_inv"][at].mT @ X, ok[at])  # this step's basis Qᵀ = R⁻ᵀX̄ᵀ
+            self._store(bucket, M)
+            basis = items["R_inv"][at].mT @ X  # this step's basis Qᵀ = R⁻ᵀX̄ᵀ, the next step's Q'ᵀ
+            param_dtype = bucket.params[0].dtype
+            if param_dtype != dtype:  # the factor as the next step will read it: rounded to its dtype
+                new = new.to(param_dtype).to(dtype)
+            overlaps.append(new.double() @ basis.double().mT)
         # in place: torch.compile (2.11) refuses rebinding an attribute of a plan built before the trace
         plan.views[:] = [self.state[p]["first_moment"] for p in plan.params]
+        # a skipped pair's factor did not move: its overlap stays right
+        buffers["basis_overlap"].copy_(_linalg.masked(ok, torch.cat(overlaps), buffers["basis_overlap"]))
         buffers["second_moment"].copy_(V)
         buffers["eigenvalues"].copy_(_linalg.masked(ok, eigenvalues, buffers["eigenvalues"]))
         buffers["eigenvectors"].copy_(_linalg.masked(ok, eigenvectors, buffers["eigenvectors"]))
@@ -645,21 +667,16 @@ class LoRARite(PairOptimizer):
         orthonormal = (W @ _linalg.triangular_inverse(R, ok)).to(V.dtype)
         return _linalg.masked(ok, orthonormal, torch.eye(W.shape[-1], dtype=V.dtype, device=V.device))
 
-    def _store(self, bucket: _Bucket, M: torch.Tensor, Q: torch.Tensor, ok: torch.Tensor) -> None:
-        """Keep the new first moment, and this step's basis ``Q`` (wide; the next step's ``Q'``). On CUDA
-        they are copied into the persistent buffers, so that a captured CUDA graph finds them at fixed
-        addresses; on CPU, where copying every factor costs more than the step's arithmetic, the new
-        tensors become the buffers and the state views follow."""
-        buffers = bucket.buffers
+    def _store(self, bucket: _Bucket, M: torch.Tensor) -> None:
+        """Keep the new first moment. On CUDA it is copied into the persistent buffer, so that a captured
+        CUDA graph finds it at a fixed address; on CPU, where copying every factor's moment costs more than
+        the step's arithmetic, the new tensor becomes the buffer and the state views follow."""
         if M.is_cuda:
-            buffers["first_moment"].copy_(M)
-            torch.where(ok[:, None, None], Q, buffers["basis"], out=buffers["basis"])
+            bucket.buffers["first_moment"].copy_(M)
             return
-        buffers["first_moment"] = M
-        buffers["basis"] = _linalg.masked(ok, Q, buffers["basis"])
-        for p, moment, basis in zip(bucket.params, M.unbind(0), buffers["basis"].unbind(0)):
-            state = self.state[p]
-            state["first_moment"], state["basis"] = moment, basis
+        bucket.buffers["first_moment"] = M
+        for p, moment in zip(bucket.params, M.unbind(0)):
+            self.state[p]["first_moment"] = moment
 
 
 def _graph_hyperparameters(group: dict[str, Any]) -> tuple:
