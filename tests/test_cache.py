@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from lorite.cache import atomic_directory, atomic_write_text
+from lorite.cache import atomic_directory, atomic_write_text, restore_interrupted_replace
 
 
 def test_atomic_write_text_replaces_whole_and_has_the_umask_mode(tmp_path):
@@ -28,3 +28,19 @@ def test_atomic_directory_keeps_the_old_one_when_the_writer_fails(tmp_path):
         raise RuntimeError("disk full")
     assert (target / "weights").read_text() == "v1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_restore_interrupted_replace_puts_back_only_a_directory_whose_replacement_was_cut(tmp_path):
+    target = tmp_path / "checkpoint"
+    assert restore_interrupted_replace(target) is None  # nothing there at all
+    old = tmp_path / ".checkpoint.old-17"
+    old.mkdir()
+    (old / "state").write_text("step 4")
+    target.mkdir()
+    (target / "state").write_text("step 6")
+    assert restore_interrupted_replace(target) is None, "a target that exists is left as it is"
+    assert (target / "state").read_text() == "step 6" and old.exists()
+    for path in (target / "state", target):
+        path.unlink() if path.is_file() else path.rmdir()
+    assert restore_interrupted_replace(target) == old
+    assert (target / "state").read_text() == "step 4" and not old.exists()

@@ -59,7 +59,8 @@ def temporary_sibling(target: Path) -> Path:
 
 def replace_directory(tmp: Path, target: Path) -> None:
     """Put the finished directory ``tmp`` at ``target``, replacing what was there; ``target`` is never
-    missing or half-written for longer than between two renames."""
+    missing or half-written for longer than between two renames (a process killed there leaves the old
+    one as ``.<name>.old-<pid>``: :func:`restore_interrupted_replace` puts it back)."""
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, old)
@@ -67,6 +68,25 @@ def replace_directory(tmp: Path, target: Path) -> None:
         remove_tree(old)
     else:
         os.replace(tmp, target)
+
+
+def restore_interrupted_replace(target: Path) -> Path | None:
+    """Undo a :func:`replace_directory` killed between its two renames: ``target`` is missing and what it
+    held is still whole as ``.<name>.old-<pid>``. That is renamed back (one rename), and returned; None
+    when there was nothing to restore. A directory can only be renamed onto a missing or empty one, so
+    the replacement takes two renames; without this, the next write would delete the old one as the
+    leftover of a dead process, and the last thing saved would be lost."""
+    target = Path(target)
+    if target.exists() or not target.parent.is_dir():
+        return None
+    olds = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not olds:
+        return None
+    try:
+        os.replace(olds[-1], target)
+    except FileNotFoundError:  # another process restored it first
+        return None
+    return olds[-1]
 
 
 @contextmanager

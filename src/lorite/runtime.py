@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .cache import restore_interrupted_replace
 from .errors import LoriteError
 
 # ------------------------------------------------------------------------------------------- device
@@ -224,9 +225,18 @@ def check_output_dir(out: str | Path, resume: bool, markers: tuple[str, ...] = R
 
     Without ``resume``: ``out`` may be new or hold anything but a run (none of ``markers``), so a folder
     that holds other runs' folders (a comparison) or unrelated files can be written into. With ``resume``:
-    ``out`` must hold a checkpoint (``checkpoint/train_state.json``).
+    ``out`` must hold a checkpoint (``checkpoint/train_state.json``). Either way, a checkpoint whose
+    replacement was killed between its two renames is put back first
+    (:func:`lorite.cache.restore_interrupted_replace`), so that it is found and not deleted.
     """
     out = Path(out)
+    restored = restore_interrupted_replace(out / CHECKPOINT_DIR)
+    if restored is not None:  # before anything looks for the checkpoint, and before a write deletes it
+        print(
+            f"lorite: {out / CHECKPOINT_DIR} was missing (a checkpoint write was killed while replacing it); "
+            f"put back the one it replaced, {restored.name}",
+            file=sys.stderr,
+        )
     if resume:
         state = out / CHECKPOINT_DIR / "train_state.json"
         if not state.exists():

@@ -211,8 +211,9 @@ def finetune_args(tiny, out_option: str, out: Path) -> list[str]:
 
 
 def resume_or_restart(fresh: list[str], run: Path) -> list[str]:
-    """``--resume RUN`` once a checkpoint exists; before the first one, the command again."""
-    has_checkpoint = (run / "checkpoint" / "train_state.json").exists()
+    """``--resume RUN`` once a checkpoint exists (or, killed between the two renames that replace it, the one
+    it replaced, which the resume puts back); before the first one, the command again."""
+    has_checkpoint = (run / "checkpoint" / "train_state.json").exists() or any(run.glob(".checkpoint.old-*"))
     return [fresh[0], "--resume", str(run)] if has_checkpoint else fresh
 
 

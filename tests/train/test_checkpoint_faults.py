@@ -170,6 +170,29 @@ def test_keep_last_falls_back_to_the_newest_intact_checkpoint(runs, tmp_path, ca
     assert all(matches_its_manifest(run / name) for name in ("checkpoint", "checkpoint-4"))
 
 
+def test_a_write_killed_between_its_two_renames_resumes_from_the_checkpoint_it_was_replacing(
+    runs, tmp_path, capsys
+):
+    """A checkpoint replaces the last one in two renames (``checkpoint`` → ``.checkpoint.old-<pid>``, then
+    the finished ``.checkpoint.tmp-…`` → ``checkpoint``). Killed between them, the run has no ``checkpoint``;
+    the resume puts the old one back (one line on stderr) and ends as the uninterrupted run, and the next
+    write removes the leftovers. Before, ``--resume`` said "no checkpoint there", a fresh start said the
+    folder "already holds a run", and that next write would have deleted the old one."""
+    run = copy_run(runs, "one", tmp_path)
+    (run / "checkpoint").rename(run / ".checkpoint.old-4242")
+    shutil.copytree(run / ".checkpoint.old-4242", run / ".checkpoint.tmp-killed")  # the finished new one
+    capsys.readouterr()
+    assert main(["finetune", "--resume", str(run)]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "was missing" in line]
+    assert notes == [
+        f"lorite: {run / 'checkpoint'} was missing (a checkpoint write was killed while replacing it); "
+        "put back the one it replaced, .checkpoint.old-4242"
+    ]
+    assert final_numbers(run) == final_numbers(runs / "straight"), "the same run as an uninterrupted one"
+    assert steps_of(run) == {"checkpoint": 6}
+    assert not list(run.glob(".checkpoint.*")), "the leftovers are gone"
+
+
 def test_every_checkpoint_damaged_is_one_line_naming_each(runs, tmp_path, capsys):
     run = copy_run(runs, "two", tmp_path)
     truncate(run / "checkpoint" / "training_state.pt")
