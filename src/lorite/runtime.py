@@ -5,7 +5,8 @@ Fine-tuning, pre-training, LiGO growth and the federated runs all take these fro
 ``torchrun`` or ``accelerate launch`` behaves the same everywhere (``LOCAL_RANK`` picks the GPU, rank 0
 writes), and two runs that differ only in the entry point use the same schedule.
 
-* **Device** (:func:`pick_device`): ``"auto"`` is ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU.
+* **Device** (:func:`pick_device`, :func:`release_cached_gpu_memory`): ``"auto"`` is ``cuda:LOCAL_RANK``
+  when CUDA is available, else the CPU.
 * **Process group** (:func:`setup`, :func:`resolve_engine`): the launcher sets ``WORLD_SIZE``, ``RANK``
   and ``LOCAL_RANK``; :func:`setup` starts NCCL (GPUs) or gloo (CPU) and returns a :class:`World`. A group
   the caller initialised itself is joined as it is. ``accelerate launch`` flags map to DDP or FSDP2;
@@ -21,6 +22,7 @@ writes), and two runs that differ only in the entry point use the same schedule.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -85,6 +87,16 @@ class World:
     @property
     def active(self) -> bool:
         return self.size > 1
+
+
+def release_cached_gpu_memory() -> None:
+    """Give the blocks this process's CUDA allocator keeps cached back to the device. Processes that share
+    one GPU (``compare --jobs``) train and evaluate at different times, and each would otherwise keep its
+    largest peak so far (an evaluation's generation shapes, a finished run) reserved, which the others
+    then lack. A no-op without CUDA."""
+    gc.collect()  # tensors held only by reference cycles (a finished run's model) go first
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def launched_world_size() -> int:

@@ -27,7 +27,6 @@ plots.
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import multiprocessing
@@ -40,12 +39,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..cache import atomic_write_text
 from ..errors import LoriteError
 from ..optim import available
-from ..runtime import check_output_dir
+from ..runtime import check_output_dir, release_cached_gpu_memory
 from ..tasks import spec_members
 from .finetune import RESUMABLE_CHANGES, FinetuneConfig, evaluate_model, finetune
 from .report import task_folder, write_report
@@ -268,7 +265,7 @@ def _execute(base: dict[str, Any], run: RunSpec, out: str, progress: bool) -> tu
     try:
         return run, finetune(_run_config(base, run), out=folder, progress=progress)
     finally:
-        _release_cached_gpu_memory()
+        release_cached_gpu_memory()
 
 
 def _base_fields(base: FinetuneConfig) -> dict[str, Any]:
@@ -338,15 +335,6 @@ def check_finished_runs(
 def _as_json(value: Any) -> Any:
     """``value`` as it reads back from a metrics.json (tuples as lists, paths as strings)."""
     return json.loads(json.dumps(value, default=str))
-
-
-def _release_cached_gpu_memory() -> None:
-    """Give the blocks a finished run left in this process's CUDA allocator back to the device. Worker
-    processes share one GPU and each keeps its largest run's blocks reserved otherwise, which the other
-    workers' runs then lack."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def compare(

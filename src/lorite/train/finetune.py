@@ -31,6 +31,7 @@ from ..runtime import (
     lr_scheduler,
     mean_over_ranks,
     pick_device,
+    release_cached_gpu_memory,
     resolve_engine,
     seed_everything,
     setup,
@@ -218,15 +219,14 @@ def base_dtype(config: FinetuneConfig, device: torch.device) -> str:
 
 
 def evaluate(model, tokenizer, data: TaskData, split: str, config: FinetuneConfig, progress: bool) -> dict:
-    """:func:`lorite.tasks.evaluate_split` at ``config.eval_batch_size``. On CUDA the blocks evaluation
-    cached (generation's many shapes) go back to the device afterwards: runs that share a GPU evaluate at
-    different times, and each would otherwise keep its evaluation peak reserved while it trains."""
+    """:func:`lorite.tasks.evaluate_split` at ``config.eval_batch_size``; then the blocks evaluation cached
+    (generation's many shapes) go back to the device (:func:`~lorite.runtime.release_cached_gpu_memory`),
+    so that a run does not keep its evaluation peak reserved while it trains beside others."""
     metrics = evaluate_split(
         model, tokenizer, data, split, config.eval_batch_size, progress=progress,
         classification_score=config.classification_score,
     )  # fmt: skip
-    if next(model.parameters()).is_cuda:
-        torch.cuda.empty_cache()
+    release_cached_gpu_memory()
     return metrics
 
 
